@@ -1,0 +1,67 @@
+"""Shared fixtures: a small tokenizer and tiny GPT-2 seed families built offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Public-domain prose (Austen, Melville, the US Constitution) with newlines, so token sets
+# have documents, newlines and varied statistics.
+SAMPLE_TEXT = """It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.
+However little known the feelings or views of such a man may be on his first entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered the rightful property of some one or other of their daughters.
+
+Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world.
+It is a way I have of driving off the spleen and regulating the circulation.
+
+We the People of the United States, in Order to form a more perfect Union, establish Justice, insure domestic Tranquility, provide for the common defence, promote the general Welfare, and secure the Blessings of Liberty to ourselves and our Posterity, do ordain and establish this Constitution for the United States of America.
+"""
+
+
+def make_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on SAMPLE_TEXT, GPT-2 style (id 0 = <|endoftext|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([SAMPLE_TEXT] * 20, trainer)
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
+
+
+def make_family(root, seeds=(1, 2), steps=(0,), config=None, tokenizer=None):
+    """Untrained tiny GPT-2 seeds saved as `root/seed-<k>/checkpoint-<step>/` (one init per seed;
+    every step holds the same weights unless the caller changes them)."""
+    from activations.models import GPT2Config, checkpoint_dir, init_gpt2, save_model_dir
+
+    tokenizer = tokenizer or make_tokenizer()
+    config = config or GPT2Config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=32, d_vocab=len(tokenizer))
+    dirs = []
+    for k, seed in enumerate(seeds):
+        model = init_gpt2(config, seed=seed)
+        seed_dir = root / f"seed-{chr(ord('a') + k)}"
+        for step in steps:
+            save_model_dir(model, tokenizer, checkpoint_dir(seed_dir, step), {"seed": seed, "step": step, "name": seed_dir.name})
+        dirs.append(seed_dir)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, tokenizer):
+    """Two untrained tiny GPT-2 seeds (2 layers, d_mlp 64, n_ctx 32), one checkpoint (step 0)."""
+    return make_family(tmp_path_factory.mktemp("family"), tokenizer=tokenizer)
