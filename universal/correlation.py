@@ -1,0 +1,691 @@
+"""Stage: activations -> correlations (METHOD.md §4-5).
+
+Exact streaming Pearson correlation between every neuron of a reference model
+`a` and every neuron of each other model `m` (all layers), with a chance
+baseline computed in the same pass.
+
+Engine, per token batch (masked-in tokens only):
+  1. each model's activations are centred by their batch mean (x once for all m);
+  2. one GEMM  x_c[:, block]^T @ [y_c(b) | y_c(c) | ...]  gives every batch co-moment;
+  3. the batch co-moments are merged into float64 running co-moments with Chan
+     et al.'s pairwise update  C += C_b + n_a n_b / n * dmean_x dmean_y^T,
+     so a neuron whose mean is 10^4 times its spread loses nothing.
+When the accumulators of all pairs exceed `memory_budget`, the reference
+neurons are split into blocks, one pass over the source per block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from activations._errors import UniversalNeuronsError
+from activations._runtime import from_json, pick_device, progress, provenance_base, to_json
+
+from . import baselines as _bl
+
+__all__ = [
+    "ModelLayout",
+    "CorrelationConfig",
+    "CorrelationResult",
+    "correlate",
+    "correlate_all_pairs",
+    "preflight",
+]
+
+log = logging.getLogger("universal_neurons")
+
+_PRECISIONS = ("fp32", "tf32", "bf16")
+_FULL_DTYPES = ("float16", "float32")
+_ROW_ALIGN = 64  # blocks are multiples of this, so a row's GEMM is the same call blocked or not
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """How one model's neurons are laid out: flat index = layer * d_mlp + neuron."""
+
+    label: str     # e.g. "a", "b" or a model name; unique within a family
+    n_layers: int
+    d_mlp: int
+
+    def __post_init__(self):
+        if not isinstance(self.label, str) or not self.label:
+            raise UniversalNeuronsError(f"model label {self.label!r} must be a non-empty string")
+        for name in ("n_layers", "d_mlp"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise UniversalNeuronsError(f"ModelLayout {self.label!r}: {name}={v!r} must be a positive int")
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
+
+
+@dataclass(frozen=True)
+class CorrelationConfig:
+    """How `correlate` runs. Stored in every result's attributes."""
+
+    baseline: str = "rotation"        # METHOD.md §5: "rotation" (paper), "gaussian", "permutation" or "none"
+    seed: int = 0                     # seeds the baseline's rotations / noise / permutations
+    precision: str = "fp32"           # "fp32" exact (max error ~1e-6); "bf16" ~5x faster on CPU, error ~3e-3; "tf32" CUDA only
+    absolute: bool = False            # rank partners by |rho| (max_corr, baseline, top_k are then >= 0)
+    memory_budget: int = 2 * 2**30    # bytes for the accumulators; above it, blocks of reference neurons, one pass each
+    block_size: int | None = None     # reference neurons per pass; None = as many as memory_budget allows
+    top_k: int = 0                    # keep the k best partners per reference neuron (0 = off)
+    hist_bins: int = 0                # per-neuron histogram of rho over j on [-1, 1] (0 = off; e.g. 40)
+    device: str = "auto"              # "auto" = CUDA when present, else CPU
+    dead_var: float = 0.0             # a neuron with variance <= this over the masked tokens is dead
+    full_matrix_dtype: str = "float16"  # dtype of the optional full matrix file (float16 halves its size)
+
+    def __post_init__(self):
+        def bad(name, fix):
+            raise UniversalNeuronsError(f"CorrelationConfig.{name}={getattr(self, name)!r} is invalid; {fix}")
+        if self.baseline not in _bl.BASELINES:
+            bad("baseline", f"unknown baseline kind; use one of {', '.join(_bl.BASELINES)}")
+        if self.precision not in _PRECISIONS:
+            bad("precision", f"use one of {', '.join(_PRECISIONS)} (fp16 has no fast CPU kernel)")
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            bad("seed", "use a non-negative int")
+        if not isinstance(self.memory_budget, (int, np.integer)) or self.memory_budget <= 0:
+            bad("memory_budget", "use a positive number of bytes, e.g. 2 * 2**30")
+        if self.block_size is not None and (not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1):
+            bad("block_size", "use a positive int or None (chosen from memory_budget)")
+        for name in ("top_k", "hist_bins"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 0:
+                bad(name, "use a non-negative int (0 = off)")
+        if not (isinstance(self.dead_var, (int, float)) and self.dead_var >= 0):
+            bad("dead_var", "use a non-negative float")
+        if self.full_matrix_dtype not in _FULL_DTYPES:
+            bad("full_matrix_dtype", f"use one of {', '.join(_FULL_DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CorrelationConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _check_layouts(layouts: Sequence[ModelLayout]) -> tuple[ModelLayout, ...]:
+    layouts = tuple(layouts)
+    if len(layouts) < 2:
+        raise UniversalNeuronsError(
+            f"got {len(layouts)} model layout(s); pass the reference model first and at least one other")
+    if not all(isinstance(l, ModelLayout) for l in layouts):
+        raise UniversalNeuronsError("layouts must be ModelLayout(label, n_layers, d_mlp) objects")
+    labels = [l.label for l in layouts]
+    if len(set(labels)) != len(labels):
+        raise UniversalNeuronsError(f"model labels {labels} repeat; give every model its own label")
+    return layouts
+
+
+def _n_cross(config: CorrelationConfig) -> int:
+    """How many [block, N_m] float64 co-moment matrices each reference row needs."""
+    return 1 + (config.baseline in ("gaussian", "permutation"))
+
+
+def _bytes_per_row(layouts, config) -> int:
+    n_other = sum(l.n_neurons for l in layouts[1:])
+    widest = max(l.n_neurons for l in layouts[1:])
+    # float64 co-moments + float32 batch GEMM output per cross matrix, and ~4 float64
+    # [row, N_m] temporaries while one model's correlations are summarised.
+    return _n_cross(config) * n_other * (8 + 4) + 4 * 8 * widest
+
+
+def _fixed_bytes(layouts, config) -> int:
+    sq = sum(l.n_layers * l.d_mlp ** 2 for l in layouts[1:])
+    n_all = sum(l.n_neurons for l in layouts)
+    rot = 2 * 8 * sq if config.baseline == "rotation" else 0  # Σ_y and R, float64
+    return rot + 4 * 8 * n_all
+
+
+def _block_size(layouts, config) -> int:
+    n_a = layouts[0].n_neurons
+    if config.block_size is not None:
+        return min(int(config.block_size), n_a)
+    room = config.memory_budget - _fixed_bytes(layouts, config)
+    rows = room // _bytes_per_row(layouts, config)
+    if rows < 1:
+        need = _fixed_bytes(layouts, config) + _bytes_per_row(layouts, config) * min(n_a, _ROW_ALIGN)
+        raise UniversalNeuronsError(
+            f"memory_budget={config.memory_budget} bytes cannot hold the accumulators "
+            f"(at least {need} bytes for one block); raise memory_budget")
+    if rows >= n_a:
+        return n_a
+    return max(_ROW_ALIGN, rows // _ROW_ALIGN * _ROW_ALIGN) if n_a > _ROW_ALIGN else int(rows)
+
+
+def preflight(layouts: Sequence[ModelLayout], n_tokens: int,
+              config: CorrelationConfig | None = None) -> dict[str, Any]:
+    """What a `correlate` run will cost, before running it.
+
+    **Arguments:** `layouts`: reference first; `n_tokens`: masked-in tokens; `config`.
+
+    **Returns:** dict with `gemm_flops`, `accumulator_bytes`, `block_size`, `passes`,
+    and `summary`, a one-line description (what the CLI prints).
+    """
+    config = config or CorrelationConfig()
+    layouts = _check_layouts(layouts)
+    n_a = layouts[0].n_neurons
+    n_other = sum(l.n_neurons for l in layouts[1:])
+    block = _block_size(layouts, config)
+    passes = math.ceil(n_a / block)
+    flops = 2.0 * n_tokens * n_a * n_other * _n_cross(config)
+    if config.baseline == "rotation":
+        sq = sum(l.n_layers * l.d_mlp ** 2 for l in layouts[1:])
+        flops += 2.0 * n_tokens * sq  # Σ_y, first pass only
+    acc = _fixed_bytes(layouts, config) + block * _bytes_per_row(layouts, config)
+    summary = (f"correlate {layouts[0].label} ({n_a} neurons) vs {len(layouts) - 1} model(s) "
+               f"({n_other} neurons) over {n_tokens} tokens: {flops / 1e12:.2f} TFLOP, "
+               f"{acc / 2**30:.2f} GiB accumulators, {passes} pass(es) of {block} reference neurons, "
+               f"baseline={config.baseline}, precision={config.precision}")
+    return {"gemm_flops": flops, "accumulator_bytes": acc, "block_size": block,
+            "passes": passes, "summary": summary}
+
+
+# ----------------------------------------------------------------------------- the pass
+
+@contextlib.contextmanager
+def _matmul_precision(device: torch.device, precision: str):
+    """TF32 only when asked for (opt-in), and restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class _Moments:
+    """Running count-free mean and M2 (sum of squared deviations) of a set of units, float64."""
+
+    def __init__(self, n: int, device):
+        self.mean = torch.zeros(n, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(n, dtype=torch.float64, device=device)
+
+
+def _centre(t: torch.Tensor, out: torch.Tensor | None = None):
+    """Centre `t` [token, unit] by its batch mean.
+
+    Returns (c, mean_b, resid, m2_b): c = t - fp32 mean estimate; `resid` = the exact
+    mean of c (float64, tiny), so sum(c c^T) - n resid resid^T is the exact co-moment
+    about the batch mean; mean_b = estimate + resid; m2_b = that co-moment's diagonal.
+    """
+    n = t.shape[0]
+    est = t.sum(0, dtype=torch.float32) / n
+    c = torch.sub(t, est, out=out) if out is not None else t - est
+    resid = c.sum(0).double() / n
+    m2 = (c * c).sum(0).double() - n * resid ** 2
+    return c, est.double() + resid, resid, m2.clamp_min_(0.0)
+
+
+def _merge_moments(mom: _Moments, n_old: int, n_b: int, mean_b, m2_b) -> torch.Tensor:
+    """Chan et al.'s merge of one batch into `mom`; returns dmean = mean_b - mean_old."""
+    n = n_old + n_b
+    delta = mean_b - mom.mean
+    mom.m2 += m2_b + delta * delta * (n_old * n_b / n)
+    mom.mean += delta * (n_b / n)
+    return delta
+
+
+class _Pass:
+    """Accumulators of one pass over the source for reference rows [i0, i1)."""
+
+    def __init__(self, layouts, config, device, i0, i1, *, want_sigma: bool):
+        self.layouts, self.config, self.device = layouts, config, device
+        self.i0, self.i1 = i0, i1
+        self.widths = [l.n_neurons for l in layouts]
+        self.offsets = np.cumsum([0] + self.widths[1:]).tolist()  # column offsets of each m
+        n_other, rows = self.offsets[-1], i1 - i0
+        f64 = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.moments = [_Moments(w, device) for w in self.widths]
+        self.C = torch.zeros(rows, n_other, **f64)
+        kind = config.baseline
+        self.Cb = torch.zeros(rows, n_other, **f64) if kind in ("gaussian", "permutation") else None
+        self.z_moments = [_Moments(w, device) for w in self.widths[1:]] if kind == "gaussian" else None
+        self.sigma = ([torch.zeros(l.n_layers, l.d_mlp, l.d_mlp, **f64) for l in layouts[1:]]
+                      if want_sigma else None)
+
+    # -- helpers ------------------------------------------------------------
+    def _gemm(self, x, y, sx, sy):
+        """x^T y [rows, cols] in the configured precision; bf16 inputs are pre-scaled to unit spread."""
+        if self.config.precision == "bf16":
+            g = (x / sx).bfloat16().T @ (y / sy).bfloat16()
+            return g.float().mul_(sx[:, None]).mul_(sy[None, :])
+        return x.T @ y
+
+    def _merge_cross(self, C, G, coef, dx, rx, dy, ry, n_b):
+        # C += [G - n_b rx ry^T] + coef dx dy^T  (batch co-moment about the exact batch mean, then Chan)
+        C.add_(G)
+        C.addmm_(torch.stack([dx * coef, rx * -float(n_b)], 1), torch.stack([dy, ry], 0))
+
+    @staticmethod
+    def _scale(m2, n_b):
+        s = (m2 / n_b).sqrt().float()
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    # -- one batch ----------------------------------------------------------
+    def update(self, batch_index: int, mask: torch.Tensor, acts: list[torch.Tensor]) -> int:
+        dev, cfg = self.device, self.config
+        idx = torch.nonzero(mask.to(dev), as_tuple=True)[0]
+        n_b = int(idx.numel())
+        if n_b == 0:
+            return 0
+        full = n_b == mask.shape[0]
+
+        def rows(t):
+            t = t.to(dev, non_blocking=True)
+            t = t if full else t.index_select(0, idx)
+            return t if t.dtype == torch.float32 else t.float()
+
+        n_old, n_other = self.n, self.offsets[-1]
+        coef = n_old * n_b / (n_old + n_b)
+        # reference: centred once, reused for every m and every baseline
+        xc, mean_b, rx, m2x = _centre(rows(acts[0]))
+        dx = _merge_moments(self.moments[0], n_old, n_b, mean_b, m2x)
+        xb = xc[:, self.i0:self.i1]
+        sx = self._scale(m2x[self.i0:self.i1], n_b)
+
+        Y = torch.empty(n_b, n_other, dtype=torch.float32, device=dev)  # [token, all m neurons]
+        dy, ry, sy = [], [], []
+        for k in range(1, len(self.layouts)):
+            sl = slice(self.offsets[k - 1], self.offsets[k])
+            _, mean_b, r, m2 = _centre(rows(acts[k]), out=Y[:, sl])
+            dy.append(_merge_moments(self.moments[k], n_old, n_b, mean_b, m2))
+            ry.append(r)
+            sy.append(self._scale(m2, n_b))
+        dy, ry, sy = torch.cat(dy), torch.cat(ry), torch.cat(sy)
+        self._merge_cross(self.C, self._gemm(xb, Y, sx, sy), coef, dx[self.i0:self.i1],
+                          rx[self.i0:self.i1], dy, ry, n_b)
+
+        if self.sigma is not None:  # within-layer Σ_y of each m, for the rotation identity
+            for k, lay in enumerate(self.layouts[1:]):
+                sl = slice(self.offsets[k], self.offsets[k + 1])
+                yl = Y[:, sl].reshape(n_b, lay.n_layers, lay.d_mlp).transpose(0, 1)  # [layer, token, d]
+                if cfg.precision == "bf16":
+                    s = sy[sl].reshape(lay.n_layers, 1, lay.d_mlp)
+                    yb = (yl / s).bfloat16()
+                    g = torch.bmm(yb.transpose(1, 2), yb).float() * (s.transpose(1, 2) * s)
+                else:
+                    g = torch.bmm(yl.transpose(1, 2), yl)
+                d, r = dy[sl].reshape(lay.n_layers, lay.d_mlp, 1), ry[sl].reshape(lay.n_layers, lay.d_mlp, 1)
+                self.sigma[k].add_(g).baddbmm_(torch.cat([d * coef, r * -float(n_b)], 2),
+                                               torch.cat([d, r], 2).transpose(1, 2))
+
+        if cfg.baseline == "permutation":
+            Yp = torch.empty_like(Y)
+            for k, lay in enumerate(self.layouts[1:]):
+                sl = slice(self.offsets[k], self.offsets[k + 1])
+                perm = _bl.token_permutation(n_b, seed=cfg.seed, label=lay.label,
+                                             batch_index=batch_index, device=dev)
+                Yp[:, sl] = Y[:, sl][perm]
+            # permuted columns keep their batch means, so the same Chan terms apply
+            self._merge_cross(self.Cb, self._gemm(xb, Yp, sx, sy), coef, dx[self.i0:self.i1],
+                              rx[self.i0:self.i1], dy, ry, n_b)
+        elif cfg.baseline == "gaussian":
+            Z = torch.empty_like(Y)
+            dz, rz, sz = [], [], []
+            for k, lay in enumerate(self.layouts[1:]):
+                sl = slice(self.offsets[k], self.offsets[k + 1])
+                z = _bl.gaussian_units(n_b, lay.n_neurons, seed=cfg.seed, label=lay.label,
+                                       batch_index=batch_index, device=dev)
+                _, mean_b, r, m2 = _centre(z, out=Z[:, sl])
+                dz.append(_merge_moments(self.z_moments[k], n_old, n_b, mean_b, m2))
+                rz.append(r)
+                sz.append(self._scale(m2, n_b))
+            self._merge_cross(self.Cb, self._gemm(xb, Z, sx, torch.cat(sz)), coef, dx[self.i0:self.i1],
+                              rx[self.i0:self.i1], torch.cat(dz), torch.cat(rz), n_b)
+        self.n += n_b
+        return n_b
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class CorrelationResult:
+    """Per reference neuron i and other model m: best partner, chance baseline, extras.
+
+    Arrays indexed `[model, neuron]` have one row per model in `others` (in order) and
+    one column per flat neuron of the reference (`layer * d_mlp + neuron`). Partners are
+    flat indices into m (-1 = none); `partner_of(label)` splits them into (layer, neuron).
+    Dead reference neurons have NaN values and partner -1. `var` is the population
+    variance (divided by n_tokens) over the masked-in tokens.
+    """
+
+    reference: ModelLayout
+    others: tuple[ModelLayout, ...]
+    max_corr: np.ndarray                          # [model, neuron] max_j rho_ij (|rho| if config.absolute)
+    partner: np.ndarray                           # [model, neuron] argmax j, flat index into m
+    baseline: np.ndarray | None = None            # [model, neuron] max_j rho(x_i, u_j), u = chance units
+    baseline_partner: np.ndarray | None = None    # [model, neuron]
+    min_corr: np.ndarray | None = None            # [model, neuron] min_j rho_ij (always signed)
+    top_k_corr: np.ndarray | None = None          # [model, neuron, k], best first, NaN padded
+    top_k_partner: np.ndarray | None = None       # [model, neuron, k], -1 padded
+    histogram: np.ndarray | None = None           # [model, neuron, bin] counts of rho_ij on hist_edges
+    mean: dict[str, np.ndarray] = field(default_factory=dict)   # label -> [neuron]
+    var: dict[str, np.ndarray] = field(default_factory=dict)    # label -> [neuron]
+    dead: dict[str, np.ndarray] = field(default_factory=dict)   # label -> [neuron] bool
+    n_tokens: int = 0
+    config: CorrelationConfig = field(default_factory=CorrelationConfig)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.others = tuple(self.others)
+        want = (len(self.others), self.reference.n_neurons)
+        for name in ("max_corr", "partner", "baseline", "baseline_partner", "min_corr"):
+            a = getattr(self, name)
+            if a is not None:
+                a = np.asarray(a)
+                setattr(self, name, a)
+                if a.shape != want:
+                    raise UniversalNeuronsError(
+                        f"CorrelationResult.{name} has shape {a.shape}; expected [model, neuron] = {want}")
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in self.others]
+
+    def model_index(self, label: str) -> int:
+        if label not in self.labels:
+            raise UniversalNeuronsError(f"no model {label!r} in this result; models are {self.labels}")
+        return self.labels.index(label)
+
+    def partner_of(self, label: str, *, baseline: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(layer, neuron) of each reference neuron's partner in model `label`; -1 where none."""
+        flat = (self.baseline_partner if baseline else self.partner)[self.model_index(label)]
+        d = self.others[self.model_index(label)].d_mlp
+        return np.where(flat >= 0, flat // d, -1), np.where(flat >= 0, flat % d, -1)
+
+    @property
+    def hist_edges(self) -> np.ndarray | None:
+        if self.histogram is None:
+            return None
+        return np.linspace(-1.0, 1.0, self.histogram.shape[-1] + 1)
+
+    @property
+    def n_dead(self) -> dict[str, int]:
+        return {k: int(v.sum()) for k, v in self.dead.items()}
+
+    # -- storage -------------------------------------------------------------
+    _ARRAYS = ("max_corr", "partner", "baseline", "baseline_partner", "min_corr",
+               "top_k_corr", "top_k_partner", "histogram")
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write to one HDF5 file with provenance and config as JSON attributes."""
+        import h5py
+
+        _check_overwrite(path, overwrite)
+        with h5py.File(path, "w") as f:
+            f.attrs["provenance"] = to_json(self.provenance)
+            f.attrs["config"] = to_json(self.config.to_dict())
+            f.attrs["reference"] = to_json(dataclasses.asdict(self.reference))
+            f.attrs["others"] = to_json([dataclasses.asdict(m) for m in self.others])
+            f.attrs["n_tokens"] = int(self.n_tokens)
+            for name in self._ARRAYS:
+                a = getattr(self, name)
+                if a is not None:
+                    f.create_dataset(name, data=a, compression="gzip", compression_level=1)
+            for label in self.mean:
+                g = f.create_group(f"models/{label}")
+                g["mean"], g["var"], g["dead"] = self.mean[label], self.var[label], self.dead[label]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CorrelationResult":
+        import h5py
+
+        if not os.path.exists(path):
+            raise UniversalNeuronsError(f"no correlation result at {os.fspath(path)!r}; run correlate(...).save(path) first")
+        with h5py.File(path, "r") as f:
+            prov = from_json(f.attrs["provenance"])
+            if prov.get("artefact") not in (None, "correlation"):
+                raise UniversalNeuronsError(f"{os.fspath(path)!r} holds a {prov.get('artefact')!r}, not a correlation result")
+            kw = {n: f[n][()] for n in cls._ARRAYS if n in f}
+            models = f.get("models", {})
+            mean = {k: models[k]["mean"][()] for k in models}
+            var = {k: models[k]["var"][()] for k in models}
+            dead = {k: models[k]["dead"][()].astype(bool) for k in models}
+            return cls(reference=ModelLayout(**from_json(f.attrs["reference"])),
+                       others=tuple(ModelLayout(**d) for d in from_json(f.attrs["others"])),
+                       mean=mean, var=var, dead=dead, n_tokens=int(f.attrs["n_tokens"]),
+                       config=CorrelationConfig.from_dict(from_json(f.attrs["config"])),
+                       provenance=prov, **kw)
+
+
+def _check_overwrite(path, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UniversalNeuronsError(
+            f"{os.fspath(path)!r} already exists; pass overwrite=True to replace it or choose another path")
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _summarise(rho: torch.Tensor, config: CorrelationConfig, *, extras: bool) -> dict[str, np.ndarray]:
+    """Row-wise max / argmax (+ min, top-k, histogram) of rho [row, j], NaN = no correlation."""
+    key = rho.abs() if config.absolute else rho
+    ranked = key.nan_to_num(nan=-math.inf)
+    best, arg = ranked.max(1)
+    none = torch.isinf(best) & (best < 0)
+    out = {"max": torch.where(none, torch.nan, best), "arg": torch.where(none, -1, arg)}
+    if extras:
+        lo = rho.nan_to_num(nan=math.inf).min(1).values
+        out["min"] = torch.where(torch.isinf(lo), torch.nan, lo)
+        if config.top_k:
+            k = min(config.top_k, rho.shape[1])
+            v, i = ranked.topk(k, dim=1)
+            pad = torch.isinf(v) & (v < 0)
+            out["top_v"] = torch.nn.functional.pad(torch.where(pad, torch.nan, v), (0, config.top_k - k), value=math.nan)
+            out["top_i"] = torch.nn.functional.pad(torch.where(pad, -1, i), (0, config.top_k - k), value=-1)
+        if config.hist_bins:
+            nb = config.hist_bins
+            b = ((rho + 1.0) * (nb / 2.0)).floor().clamp_(0, nb - 1).nan_to_num_(nan=nb).long()
+            counts = torch.zeros(rho.shape[0], nb + 1, dtype=torch.int64, device=rho.device)
+            counts.scatter_add_(1, b, torch.ones_like(b))
+            out["hist"] = counts[:, :nb]
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def _corr(C: torch.Tensor, m2x: torch.Tensor, m2y: torch.Tensor, dead_x, dead_y) -> torch.Tensor:
+    rho = C / torch.sqrt(m2x[:, None] * m2y[None, :])
+    rho.clamp_(-1.0, 1.0)  # rounding can step past ±1; NaN stays NaN
+    rho[dead_x] = torch.nan
+    rho[:, dead_y] = torch.nan
+    return rho
+
+
+def _check_batch(item, layouts, b: int):
+    try:
+        mask, acts = item
+    except (TypeError, ValueError):
+        raise UniversalNeuronsError(f"batch {b} is not a (mask, acts) pair; the source must yield (mask, [acts per model])") from None
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool or mask.ndim != 1:
+        raise UniversalNeuronsError(f"batch {b}: mask must be a 1-D bool tensor [token], got {mask.dtype} of shape {tuple(mask.shape)}")
+    if len(acts) != len(layouts):
+        raise UniversalNeuronsError(f"batch {b} has activations for {len(acts)} model(s) but {len(layouts)} layouts were given; "
+                                    "pass one tensor per model, the reference first")
+    acts = [torch.as_tensor(t) for t in acts]
+    for t, lay in zip(acts, layouts):
+        if t.ndim != 2 or not t.is_floating_point():
+            raise UniversalNeuronsError(f"batch {b}: model {lay.label!r} activations must be a float tensor [token, neuron], "
+                                        f"got {t.dtype} of shape {tuple(t.shape)}")
+        if t.shape[0] != mask.shape[0]:
+            raise UniversalNeuronsError(f"batch {b}: model {lay.label!r} has {t.shape[0]} tokens but the mask has {mask.shape[0]}; "
+                                        "every model must see the same tokens")
+        if t.shape[1] != lay.n_neurons:
+            raise UniversalNeuronsError(f"batch {b}: model {lay.label!r} activations have width {t.shape[1]} but its layout says "
+                                        f"n_layers*d_mlp = {lay.n_layers}*{lay.d_mlp} = {lay.n_neurons}; fix the layout or the adapter")
+    return mask, acts
+
+
+# ----------------------------------------------------------------------------- API
+
+def correlate(source: Iterable, layouts: Sequence[ModelLayout], config: CorrelationConfig | None = None, *,
+              provenance: dict[str, Any] | None = None, full_matrix_path: str | os.PathLike | None = None,
+              overwrite: bool = False) -> CorrelationResult:
+    """Correlate every neuron of the reference model with every neuron of each other model.
+
+    **Arguments:**
+    - `source`: re-iterable; each pass yields `(mask, acts)` with `mask` bool `[token]`
+      (True = counts) and `acts` a list of float tensors `[token, n_layers*d_mlp]`,
+      one per model in the order of `layouts` (reference first). A list works.
+    - `layouts`: `ModelLayout` per model, the reference `a` first.
+    - `config`: `CorrelationConfig` (baseline, precision, memory budget, ...).
+    - `provenance`: models, checkpoints, token-set hash, mask policy; stored with the result.
+    - `full_matrix_path`: if given, also write rho `[neuron_a, neuron_m]` per model to this
+      HDF5 file (datasets `corr/<label>`, NaN for dead); `overwrite` allows replacing it.
+
+    **Returns:** `CorrelationResult` with `[model, neuron]` arrays for every other model.
+    """
+    config = config or CorrelationConfig()
+    layouts = _check_layouts(layouts)
+    device = pick_device(config.device)
+    if config.precision == "tf32" and device.type != "cuda":
+        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
+    ref, others = layouts[0], layouts[1:]
+    n_a, M = ref.n_neurons, len(others)
+    block = _block_size(layouts, config)
+    blocks = [(i, min(i + block, n_a)) for i in range(0, n_a, block)]
+    kind = config.baseline
+    log.info(preflight(layouts, 0, config)["summary"].replace(" over 0 tokens", ""))
+
+    f64 = lambda *s: np.full(s, np.nan)  # noqa: E731
+    i64 = lambda *s: np.full(s, -1, dtype=np.int64)  # noqa: E731
+    out = dict(max_corr=f64(M, n_a), partner=i64(M, n_a), min_corr=f64(M, n_a))
+    if kind != "none":
+        out.update(baseline=f64(M, n_a), baseline_partner=i64(M, n_a))
+    if config.top_k:
+        out.update(top_k_corr=f64(M, n_a, config.top_k), top_k_partner=i64(M, n_a, config.top_k))
+    if config.hist_bins:
+        out["histogram"] = np.zeros((M, n_a, config.hist_bins), dtype=np.int64)
+
+    full = None
+    if full_matrix_path is not None:
+        import h5py
+        _check_overwrite(full_matrix_path, overwrite)
+        full = h5py.File(full_matrix_path, "w")
+        for m in others:
+            full.create_dataset(f"corr/{m.label}", shape=(n_a, m.n_neurons), dtype=config.full_matrix_dtype,
+                                chunks=(min(n_a, 64), min(m.n_neurons, 4096)), fillvalue=np.nan)
+
+    rotations = ([_bl.rotation_matrices(m.label, m.n_layers, m.d_mlp, seed=config.seed).to(device) for m in others]
+                 if kind == "rotation" else None)
+    offsets = np.cumsum([0] + [m.n_neurons for m in others]).tolist()
+    first = None
+    try:
+        for p, (i0, i1) in enumerate(blocks):
+            acc = _Pass(layouts, config, device, i0, i1, want_sigma=kind == "rotation" and p == 0)
+            desc = f"correlate {ref.label}" + (f" block {p + 1}/{len(blocks)}" if len(blocks) > 1 else "")
+            with torch.no_grad(), _matmul_precision(device, config.precision), \
+                    progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
+                for b, item in enumerate(source):
+                    mask, acts = _check_batch(item, layouts, b)
+                    bar.update(acc.update(b, mask, acts))
+            if p == 0:
+                if acc.n < 2:
+                    raise UniversalNeuronsError(
+                        f"the source gave {acc.n} masked-in token(s); correlation needs at least 2. "
+                        "Check the mask policy (did it exclude every position?) and that the source is not empty")
+                first = _first_pass_facts(acc, layouts, config, rotations)
+            elif acc.n != first["n"]:
+                raise UniversalNeuronsError(
+                    f"pass {p + 1} over the source saw {acc.n} tokens but pass 1 saw {first['n']}; blocked runs read the "
+                    "source once per block, so it must be re-iterable (a list, or an object whose __iter__ starts over), "
+                    "not a generator")
+            m2x, dead_x = first["m2"][0][i0:i1], first["dead_t"][0][i0:i1]
+            for k, m in enumerate(others):
+                sl = slice(offsets[k], offsets[k + 1])
+                rho = _corr(acc.C[:, sl], m2x, first["m2"][k + 1], dead_x, first["dead_t"][k + 1])
+                s = _summarise(rho, config, extras=True)
+                if full is not None:
+                    full[f"corr/{m.label}"][i0:i1] = rho.cpu().numpy().astype(config.full_matrix_dtype)
+                del rho
+                out["max_corr"][k, i0:i1], out["partner"][k, i0:i1], out["min_corr"][k, i0:i1] = s["max"], s["arg"], s["min"]
+                if config.top_k:
+                    out["top_k_corr"][k, i0:i1], out["top_k_partner"][k, i0:i1] = s["top_v"], s["top_i"]
+                if config.hist_bins:
+                    out["histogram"][k, i0:i1] = s["hist"]
+                if kind == "none":
+                    continue
+                if kind == "rotation":
+                    cb, m2b = _bl.rotate_comoments(acc.C[:, sl], rotations[k]), first["m2_rot"][k]
+                elif kind == "gaussian":
+                    cb, m2b = acc.Cb[:, sl], first["m2_z"][k]
+                else:
+                    cb, m2b = acc.Cb[:, sl], first["m2"][k + 1]
+                sb = _summarise(_corr(cb, m2x, m2b, dead_x, m2b <= 0), config, extras=False)
+                out["baseline"][k, i0:i1], out["baseline_partner"][k, i0:i1] = sb["max"], sb["arg"]
+            del acc
+    finally:
+        if full is not None:
+            full.attrs["provenance"] = to_json({**provenance_base("correlation_matrix"), **(provenance or {}),
+                                                "config": config.to_dict()})
+            full.close()
+
+    prov = {**provenance_base("correlation"), **(provenance or {}),
+            "config": config.to_dict(), "block_size": block, "passes": len(blocks), "device": str(device)}
+    return CorrelationResult(reference=ref, others=others, n_tokens=first["n"], config=config, provenance=prov,
+                             mean={m.label: v for m, v in zip(layouts, first["mean"])},
+                             var={m.label: v for m, v in zip(layouts, first["var"])},
+                             dead={m.label: v for m, v in zip(layouts, first["dead"])}, **out)
+
+
+def _first_pass_facts(acc: _Pass, layouts, config, rotations) -> dict[str, Any]:
+    """Per-model moments, dead neurons and baseline variances: the same on every pass."""
+    n = acc.n
+    m2 = [mo.m2 for mo in acc.moments]
+    dead_t = [v / n <= config.dead_var for v in m2]
+    facts = {"n": n, "m2": m2, "dead_t": dead_t,
+             "mean": [mo.mean.cpu().numpy() for mo in acc.moments],
+             "var": [(v / n).cpu().numpy() for v in m2],
+             "dead": [d.cpu().numpy() for d in dead_t]}
+    if rotations is not None:
+        facts["m2_rot"] = [_bl.rotated_comoment_diag(s, r) for s, r in zip(acc.sigma, rotations)]
+    if acc.z_moments is not None:
+        facts["m2_z"] = [mo.m2 for mo in acc.z_moments]
+    counts = {lay.label: int(d.sum()) for lay, d in zip(layouts, facts["dead"])}
+    if any(counts.values()):
+        log.warning("dead neurons (variance <= %g over %d masked-in tokens) have no correlation, reported as NaN: %s",
+                    config.dead_var, n, ", ".join(f"{k}: {v} of {lay.n_neurons}"
+                                                  for (k, v), lay in zip(counts.items(), layouts)))
+    return facts
+
+
+class _Reordered:
+    """A view of a source with the models in another order (for all-pairs mode)."""
+
+    def __init__(self, source, order):
+        self.source, self.order = source, order
+
+    def __iter__(self):
+        for mask, acts in self.source:
+            yield mask, [acts[i] for i in self.order]
+
+
+def correlate_all_pairs(source: Iterable, layouts: Sequence[ModelLayout], config: CorrelationConfig | None = None,
+                        **kwargs) -> dict[str, CorrelationResult]:
+    """Every model as the reference in turn (beyond the paper): label -> `CorrelationResult`.
+
+    Same arguments as `correlate` (without `full_matrix_path`); one run of `correlate` per
+    reference, so it costs len(layouts) times a single-reference run.
+    """
+    layouts = _check_layouts(layouts)
+    results = {}
+    for r in range(len(layouts)):
+        order = [r] + [i for i in range(len(layouts)) if i != r]
+        results[layouts[r].label] = correlate(_Reordered(source, order), [layouts[i] for i in order], config, **kwargs)
+    return results
