@@ -1,0 +1,296 @@
+"""Train a seed family: K GPT-2-style models of one configuration, each from its own seed
+(initialisation and data order), with checkpoints saved like the hub's `checkpoint-{step}`.
+
+Tokens in (a 1-D stream of token ids), model directories out:
+
+    family_dir/seed-a/checkpoint-0/      config.json, weights, tokenizer, universal_neurons.json
+    family_dir/seed-a/checkpoint-120/
+    family_dir/seed-a/resume.pt          optimiser state of the last checkpoint (for resuming)
+
+Each checkpoint directory loads offline with `activations.load_model(seed_dir, checkpoint=step)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from activations._errors import UniversalNeuronsError
+from activations._runtime import package_versions, pick_device, progress
+from activations.models import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
+
+__all__ = ["TrainConfig", "TrainResult", "train_seed", "train_family", "log_spaced_steps", "seed_label"]
+
+log = logging.getLogger("universal_neurons")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How each seed of a family is trained. Defaults: the demo family (see docs/demo_family.md
+    for the measurements behind them)."""
+
+    model: GPT2Config = field(default_factory=GPT2Config)
+    n_tokens: int = 4_000_000  # training tokens per seed (single pass, no repetition)
+    batch_rows: int = 32  # rows of n_ctx tokens per optimiser step
+    lr: float = 3e-3  # peak AdamW learning rate; small models tolerate a high one
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # GPT-2 / nanoGPT default, on matrices only
+    betas: tuple[float, float] = (0.9, 0.95)  # nanoGPT's betas for short runs
+    grad_clip: float = 1.0
+    n_checkpoints: int = 5  # saved at log-spaced steps, always including 0 and the last step
+    bf16: bool = True  # bf16 autocast: ~1.5-7x faster on CPU (OFFLINE.md), fp32 master weights
+    eval_tokens: int = 65_536  # validation tokens scored at every checkpoint
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", GPT2Config(**self.model))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for k in ("n_tokens", "batch_rows", "n_checkpoints"):
+            if int(getattr(self, k)) <= 0:
+                raise UniversalNeuronsError(f"TrainConfig.{k} must be positive, got {getattr(self, k)}")
+        if self.n_checkpoints < 2:
+            raise UniversalNeuronsError("TrainConfig.n_checkpoints must be >= 2 (step 0 and the last step)")
+        if not self.lr > 0:
+            raise UniversalNeuronsError(f"TrainConfig.lr must be positive, got {self.lr}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_rows * self.model.n_ctx
+
+    @property
+    def n_steps(self) -> int:
+        return max(1, self.n_tokens // self.tokens_per_step)
+
+    def checkpoint_steps(self) -> list[int]:
+        return log_spaced_steps(self.n_steps, self.n_checkpoints)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    seed: int
+    seed_dir: Path
+    records: list[dict[str, Any]]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.records[-1]
+
+
+def seed_label(k: int) -> str:
+    """`a, b, c, ...`: the reference seed is `a` (METHOD.md section 1)."""
+    return chr(ord("a") + k) if k < 26 else f"s{k}"
+
+
+def log_spaced_steps(n_steps: int, n: int) -> list[int]:
+    """`n` checkpoint steps from 0 to `n_steps`, log-uniform in between (like the Stanford
+    checkpoints, dense early when representations change fastest)."""
+    if n_steps < n:
+        return list(range(0, n_steps + 1))
+    inner = np.geomspace(max(1.0, n_steps / 64), n_steps, n - 1)  # first step ~1.5% into training
+    return sorted({0, *(int(round(s)) for s in inner), n_steps})
+
+
+def _rows(stream: np.ndarray, n_ctx: int, bos: int) -> np.ndarray:
+    """Cut a token stream into rows `[BOS] + n_ctx-1 tokens` (same shape as evaluation rows)."""
+    body = n_ctx - 1
+    n_rows = len(stream) // body
+    if n_rows == 0:
+        raise UniversalNeuronsError(f"the token stream ({len(stream)} tokens) is shorter than one row of {n_ctx}")
+    rows = np.empty((n_rows, n_ctx), dtype=np.int64)
+    rows[:, 0] = bos
+    rows[:, 1:] = stream[: n_rows * body].reshape(n_rows, body)
+    return rows
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.n_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _loss(model, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
+    with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(batch).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    )
+
+
+@torch.no_grad()
+def _evaluate(model, rows: torch.Tensor, batch_rows: int, bf16: bool) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(rows), batch_rows):
+        b = rows[i : i + batch_rows]
+        total += _loss(model, b, bf16).item() * len(b)
+        n += len(b)
+    model.train()
+    return total / max(n, 1)
+
+
+def train_seed(
+    train_stream: np.ndarray,
+    val_stream: np.ndarray,
+    tokenizer,
+    *,
+    config: TrainConfig,
+    seed: int,
+    seed_dir: str | os.PathLike,
+    name: str | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train one seed and save its checkpoints; resumes from `seed_dir` if a run was killed.
+
+    **Arguments**
+    - `train_stream`, `val_stream`: `Int[ndarray, "token"]` token ids (documents joined with EOS).
+    - `tokenizer`: saved next to every checkpoint.
+    - `seed`: initialisation and data order.
+    - `seed_dir`: where `checkpoint-{step}/` directories go.
+
+    **Returns** a `TrainResult` with one training record per checkpoint
+    (seed, step, tokens seen, train and validation loss).
+    """
+    cfg = config
+    dev = pick_device(device)
+    seed_dir = Path(seed_dir)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    if int(np.max(train_stream)) >= cfg.model.d_vocab:
+        raise UniversalNeuronsError(
+            f"token id {int(np.max(train_stream))} is outside the model's vocabulary ({cfg.model.d_vocab}); "
+            "set GPT2Config.d_vocab to the tokenizer's size"
+        )
+    rows = _rows(train_stream, cfg.model.n_ctx, bos)
+    need = cfg.n_steps * cfg.batch_rows
+    if need > len(rows):
+        raise UniversalNeuronsError(
+            f"training {cfg.n_tokens:,} tokens needs {need} rows of {cfg.model.n_ctx} but the training text has "
+            f"{len(rows)} ({len(rows) * cfg.model.n_ctx:,} tokens); lower n_tokens or add text"
+        )
+    val_rows = torch.from_numpy(_rows(val_stream, cfg.model.n_ctx, bos)[: max(1, cfg.eval_tokens // cfg.model.n_ctx)]).to(dev)
+    order = np.random.default_rng(seed).permutation(len(rows))[:need]  # data order is part of the seed
+    steps = cfg.checkpoint_steps()
+
+    model = init_gpt2(cfg.model, seed=seed, bos_token_id=bos, eos_token_id=tokenizer.eos_token_id or bos).to(dev)
+    opt = _optimizer(model, cfg)
+    records: list[dict[str, Any]] = []
+    start = 0
+    resume = seed_dir / "resume.pt"
+    done = [s for s in list_checkpoints(seed_dir) if s in steps]
+    if done and resume.exists():
+        state = torch.load(resume, map_location=dev, weights_only=False)
+        if state["config"] != json.loads(json.dumps(cfg.to_dict())) or state["seed"] != seed:
+            raise UniversalNeuronsError(
+                f"{seed_dir} holds a run with another configuration or seed; choose a new directory "
+                "or delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, records = state["step"], state["records"]
+        log.info("resuming %s from step %d", seed_dir, start)
+    model.train()
+
+    def checkpoint(step: int, train_loss: float | None) -> None:
+        val = _evaluate(model, val_rows, cfg.batch_rows, cfg.bf16)
+        rec = {
+            "name": name or seed_dir.name,
+            "seed": seed,
+            "step": step,
+            "tokens_seen": step * cfg.tokens_per_step,
+            "train_loss": train_loss,
+            "val_loss": val,
+            "config": cfg.to_dict(),
+            "versions": package_versions(),
+        }
+        records.append(rec)
+        save_model_dir(model, tokenizer, checkpoint_dir(seed_dir, step), rec)
+        tmp = resume.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "records": records, "seed": seed, "config": json.loads(json.dumps(cfg.to_dict()))}, tmp)
+        tmp.replace(resume)  # atomic: a kill never leaves a half-written resume file
+
+    if start == 0 and not done:
+        checkpoint(0, None)
+    bar = progress(range(start, cfg.n_steps), enabled=show_progress, desc=f"train {name or seed_dir.name}",
+                   unit="step", initial=start, total=cfg.n_steps)
+    t0, ema = time.perf_counter(), None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        idx = order[step * cfg.batch_rows : (step + 1) * cfg.batch_rows]
+        batch = torch.from_numpy(rows[idx]).to(dev)
+        loss = _loss(model, batch, cfg.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        done_steps = step + 1
+        if step % 10 == 0:
+            rate = (done_steps - start) * cfg.tokens_per_step / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{rate:,.0f}")
+        if done_steps in steps:
+            checkpoint(done_steps, ema)
+    bar.close()
+    return TrainResult(seed=seed, seed_dir=seed_dir, records=records)
+
+
+def train_family(
+    train_stream: np.ndarray,
+    val_stream: np.ndarray,
+    tokenizer,
+    *,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    family_dir: str | os.PathLike,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> list[TrainResult]:
+    """Train every seed into `family_dir/seed-{a,b,...}`; finished seeds are reused, killed ones resumed."""
+    family_dir = Path(family_dir)
+    family_dir.mkdir(parents=True, exist_ok=True)
+    manifest = family_dir / "family.json"
+    spec = {"config": config.to_dict(), "seeds": list(map(int, seeds))}
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        if old.get("config") != json.loads(json.dumps(spec["config"])) or old.get("seeds") != spec["seeds"]:
+            raise UniversalNeuronsError(
+                f"{family_dir} holds a family trained with another configuration or seeds; pass a new "
+                "directory, or delete it to retrain"
+            )
+    else:
+        manifest.write_text(json.dumps(spec, indent=2, sort_keys=True))
+    out = []
+    for k, seed in enumerate(seeds):
+        seed_dir = family_dir / f"seed-{seed_label(k)}"
+        steps = config.checkpoint_steps()
+        if list_checkpoints(seed_dir)[-1:] == [steps[-1]]:
+            recs = [json.loads((checkpoint_dir(seed_dir, s) / "universal_neurons.json").read_text()) for s in steps]
+            log.info("reusing %s (already trained)", seed_dir)
+            out.append(TrainResult(seed=seed, seed_dir=seed_dir, records=recs))
+            continue
+        out.append(train_seed(train_stream, val_stream, tokenizer, config=config, seed=seed, seed_dir=seed_dir,
+                              name=f"seed-{seed_label(k)}", device=device, show_progress=show_progress))
+    return out
