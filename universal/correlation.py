@@ -439,7 +439,7 @@ class CorrelationResult:
             for name in self._ARRAYS:
                 a = getattr(self, name)
                 if a is not None:
-                    f.create_dataset(name, data=a, compression="gzip", compression_level=1)
+                    f.create_dataset(name, data=a, compression="gzip", compression_opts=1)
             for label in self.mean:
                 g = f.create_group(f"models/{label}")
                 g["mean"], g["var"], g["dead"] = self.mean[label], self.var[label], self.dead[label]
