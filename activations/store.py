@@ -1,0 +1,653 @@
+"""Stage 2, activations: a model and a token set in, one HDF5 activation store out.
+
+One file per (model, checkpoint, token set). Layout:
+
+    /blocks.{l}.mlp.hook_post   (token, neuron)  fp16 (default) or fp32, ~1 MiB chunks
+    /blocks.{l}.mlp.hook_pre    (token, neuron)  only when asked for
+    /token_ids, /mask, /doc_index  (token,)      copied from the token set
+    attrs: kind, schema_version, provenance, model, store_config, token_set_* , complete_rows
+
+`token` is rows * ctx_len flattened in row order. Writes stream batch by batch into
+`<path>.partial`, which records `complete_rows` after each flushed batch; a killed run
+restarts from there and the file is renamed to `<path>` when complete. Reading is lazy
+(`ActivationStore`), and `iter_aligned` / `LiveSource` give the correlation engine the
+same `(mask, acts)` stream from stores on disk or from live models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ._errors import UniversalNeuronsError
+from ._runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
+from .models import LoadedModel, hook_name, mlp_activations, parse_hook_name
+from .tokens import TokenSet, TokenSetConfig
+
+__all__ = [
+    "StoreConfig",
+    "cache_activations",
+    "preflight_cache",
+    "ActivationStore",
+    "iter_aligned",
+    "AlignedSource",
+    "LiveSource",
+    "store_filename",
+]
+
+log = logging.getLogger("universal_neurons")
+
+_KIND = "activation_store"
+_FP16_MAX = 65504.0
+_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: whole chunks per read, fits h5py's default 1 MiB chunk cache
+_BATCH_BYTES = 256 << 20  # default forward batch: ~256 MiB of fp32 activations
+# Model provenance fields that must match for a partial store to be resumed.
+_MODEL_IDENTITY = ("name", "source", "resolved", "checkpoint", "revision", "weight_processing", "n_layers",
+                   "d_model", "d_mlp", "d_vocab", "n_ctx", "act_fn", "dtype")
+
+
+class _Overflow(UniversalNeuronsError):
+    """Activations beyond float16's range (private: callers catch UniversalNeuronsError)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What an activation store holds and how it is laid out on disk."""
+
+    kinds: tuple[str, ...] = ("post",)  # 'post' = after the nonlinearity (the paper's neuron); 'pre' for moments
+    dtype: str = "float16"  # halves the disk; |x| must stay <= 65504 (checked). 'float32' for exact values
+    compression: str | None = None  # None (fastest reads), 'gzip' or 'lzf'
+    layers: tuple[int, ...] | None = None  # None = every layer
+
+    def __post_init__(self) -> None:
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+        for k in kinds:
+            if k not in ("post", "pre"):
+                raise UniversalNeuronsError(f"unknown hook kind {k!r}; use 'post' (after the nonlinearity) or 'pre'")
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise UniversalNeuronsError(f"kinds must be a non-empty list without repeats, got {self.kinds!r}")
+        object.__setattr__(self, "kinds", kinds)
+        if self.dtype not in ("float16", "float32"):
+            raise UniversalNeuronsError(f"unknown store dtype {self.dtype!r}; use 'float16' or 'float32'")
+        if self.compression not in (None, "gzip", "lzf"):
+            raise UniversalNeuronsError(f"unknown compression {self.compression!r}; use None, 'gzip' or 'lzf'")
+        if self.layers is not None:
+            layers = tuple(sorted({int(l) for l in self.layers}))
+            if not layers or layers[0] < 0:
+                raise UniversalNeuronsError(f"layers must be non-negative layer indices, got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StoreConfig":
+        d = dict(d)
+        d["kinds"] = tuple(d["kinds"])
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+
+def store_filename(provenance: dict[str, Any], token_set: TokenSet) -> str:
+    """A file name for the store of this model and token set: `<model>[-ckpt<step>]__<hash12>.h5`."""
+    name = str(provenance.get("name", "model")).replace("/", "_")
+    ck = provenance.get("checkpoint")
+    return f"{name}{'' if ck is None else f'-ckpt{ck}'}__{token_set.hash[:12]}.h5"
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def _prov(lm_or_provenance) -> dict[str, Any]:
+    return lm_or_provenance.provenance if isinstance(lm_or_provenance, LoadedModel) else dict(lm_or_provenance)
+
+
+def _check_compatible(prov: dict[str, Any], token_set: TokenSet, tokenizer=None) -> None:
+    if token_set.ctx_len > int(prov["n_ctx"]):
+        raise UniversalNeuronsError(
+            f"the token set's rows have ctx_len={token_set.ctx_len} but {prov.get('name')} accepts at most "
+            f"n_ctx={prov['n_ctx']} positions; rebuild the token set with TokenSetConfig(ctx_len<={prov['n_ctx']})")
+    top = int(token_set.ids.max()) if token_set.ids.size else 0
+    if top >= int(prov["d_vocab"]) or int(token_set.ids.min()) < 0:
+        raise UniversalNeuronsError(
+            f"the token set holds token id {top} but {prov.get('name')} has a vocabulary of {prov['d_vocab']} "
+            f"(ids 0..{int(prov['d_vocab']) - 1}); it was built with another tokenizer "
+            f"({token_set.tokenizer_info.get('name_or_path')!r}). Rebuild it with this model family's tokenizer")
+    if tokenizer is not None:
+        from .tokens import tokenizer_info
+
+        mine = tokenizer_info(tokenizer)["fingerprint"]
+        if mine != token_set.tokenizer_info.get("fingerprint"):
+            log.warning("the token set was built with tokenizer %s (fingerprint %.12s), %s loads one with fingerprint "
+                        "%.12s; check they are the same family", token_set.tokenizer_info.get("name_or_path"),
+                        token_set.tokenizer_info.get("fingerprint"), prov.get("name"), mine)
+
+
+def _layers(prov: dict[str, Any], config: StoreConfig) -> list[int]:
+    n = int(prov["n_layers"])
+    layers = list(range(n)) if config.layers is None else list(config.layers)
+    if layers[-1] >= n:
+        raise UniversalNeuronsError(f"layer {layers[-1]} does not exist in {prov.get('name')} (layers 0..{n - 1})")
+    return layers
+
+
+def _chunk_tokens(d_mlp: int, itemsize: int, n_tokens: int) -> int:
+    """Largest power of two of tokens whose (token, d_mlp) chunk fits ~1 MiB, at most n_tokens."""
+    t = 1
+    while t * 2 * d_mlp * itemsize <= _CHUNK_BYTES:
+        t *= 2
+    return max(1, min(t, n_tokens))
+
+
+def preflight_cache(lm_or_provenance, token_set: TokenSet, config: StoreConfig = StoreConfig(), *,
+                    path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What `cache_activations` will write, checked before any forward pass.
+
+    **Arguments**: a `LoadedModel` (or its `provenance` dict), the `TokenSet`, the `StoreConfig`;
+    `path`: where the store will go (adds the free disk space there).
+
+    **Returns** `{n_tokens, n_rows, ctx_len, n_counted, datasets: {hook: {shape, dtype, chunks}},
+    bytes, bytes_free, fits}`; raises `UniversalNeuronsError` when the model cannot run the token set.
+    """
+    prov = _prov(lm_or_provenance)
+    _check_compatible(prov, token_set)
+    d_mlp, itemsize = int(prov["d_mlp"]), np.dtype(config.dtype).itemsize
+    chunk = _chunk_tokens(d_mlp, itemsize, token_set.n_tokens)
+    datasets = {hook_name(l, k): {"shape": (token_set.n_tokens, d_mlp), "dtype": config.dtype,
+                                  "chunks": (chunk, d_mlp)}
+                for l in _layers(prov, config) for k in config.kinds}
+    nbytes = len(datasets) * token_set.n_tokens * d_mlp * itemsize + token_set.n_tokens * (4 + 1 + 4)
+    out: dict[str, Any] = {"n_tokens": token_set.n_tokens, "n_rows": token_set.n_rows, "ctx_len": token_set.ctx_len,
+                           "n_counted": token_set.n_counted, "datasets": datasets, "bytes": int(nbytes),
+                           "compression": config.compression, "bytes_free": None, "fits": None}
+    if path is not None:
+        parent = Path(path).resolve().parent
+        while not parent.exists():
+            parent = parent.parent
+        out["bytes_free"] = int(shutil.disk_usage(parent).free)
+        out["fits"] = out["bytes_free"] >= nbytes
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """One writer per store: an exclusive, non-blocking `flock` on `<path>.lock` holding the pid."""
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UniversalNeuronsError(
+                f"another process (pid {holder}) is writing {path}; wait for it to finish or stop it. "
+                f"If no such process runs, delete {lock}") from None
+        try:  # the previous holder may have unlinked the file we opened: lock the current one instead
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _identity(prov: dict[str, Any]) -> dict[str, Any]:
+    return {k: prov.get(k) for k in _MODEL_IDENTITY}
+
+
+def _read_head(path: Path) -> dict[str, Any] | None:
+    """The identifying attributes of an existing store or partial, or None if unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            return {"kind": a.get("kind"), "token_set_hash": str(a.get("token_set_hash")),
+                    "model": from_json(a["model"]) if "model" in a else None,
+                    "store_config": from_json(a["store_config"]) if "store_config" in a else None,
+                    "complete_rows": int(a.get("complete_rows", 0))}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _create(path: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfig, layers: list[int]) -> None:
+    import h5py
+
+    dtype, n, d = np.dtype(config.dtype), token_set.n_tokens, lm.d_mlp
+    chunk = _chunk_tokens(d, dtype.itemsize, n)
+    with h5py.File(path, "w") as f:
+        for l in layers:
+            for k in config.kinds:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                kwargs: dict[str, Any] = {"chunks": (chunk, d), "compression": config.compression}
+                if config.compression is None:  # all chunks allocated now: later writes touch no metadata,
+                    kwargs.pop("compression")  # so a killed writer leaves a readable file
+                    dcpl.set_chunk((chunk, d))
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                    space = h5py.h5s.create_simple((n, d))
+                    dsid = h5py.h5d.create(f.id, hook_name(l, k).encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+                    ds = h5py.Dataset(dsid)
+                else:
+                    ds = f.create_dataset(hook_name(l, k), shape=(n, d), dtype=dtype, **kwargs)
+                ds.dims[0].label, ds.dims[1].label = "token", "neuron"
+                ds.attrs.update({"layer": l, "kind": k})
+        for name, arr in (("token_ids", token_set.ids), ("mask", token_set.mask), ("doc_index", token_set.doc_index)):
+            f.create_dataset(name, data=arr.reshape(-1)).dims[0].label = "token"
+        f.attrs.update(token_set.attrs())
+        f.attrs.update({
+            "kind": _KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(provenance_base(_KIND)),
+            "model": to_json(lm.provenance), "store_config": to_json(config.to_dict()), "layers": layers,
+            "n_layers": len(layers), "d_mlp": d, "ctx_len": token_set.ctx_len, "n_rows": token_set.n_rows,
+            "n_tokens": n, "dims": ["token", "neuron"], "complete_rows": 0,
+        })
+
+
+def _resume_point(partial: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfig) -> int | None:
+    """Rows already written in a resumable `partial`, None when there is nothing to resume."""
+    if not partial.exists():
+        return None
+    head = _read_head(partial)
+    if head is None or head["kind"] != _KIND:
+        log.warning("%s is unreadable (killed while its metadata was written?); starting it again", partial)
+        return None
+    if head["token_set_hash"] != token_set.hash:
+        raise UniversalNeuronsError(
+            f"{partial} is an unfinished store for token set {head['token_set_hash']}, not the requested "
+            f"{token_set.hash}; pass overwrite=True to discard it, or write to another path")
+    if _identity(head["model"] or {}) != _identity(lm.provenance) or head["store_config"] != config.to_dict():
+        raise UniversalNeuronsError(
+            f"{partial} is an unfinished store for another model or configuration "
+            f"({(head['model'] or {}).get('name')}, {head['store_config']}); pass overwrite=True to discard it, "
+            "or resume it with the same model, checkpoint, weight processing and StoreConfig")
+    if (head["model"] or {}).get("device") != lm.provenance.get("device"):
+        log.warning("resuming %s on %s; it was started on %s (rounding may differ between devices)",
+                    partial, lm.provenance.get("device"), head["model"].get("device"))
+    return head["complete_rows"]
+
+
+def _default_batch_rows(lm: LoadedModel, token_set: TokenSet, n_hooks: int) -> int:
+    per_row = token_set.ctx_len * lm.d_mlp * 4 * max(n_hooks, 1)
+    return int(max(1, min(64, _BATCH_BYTES // per_row, token_set.n_rows)))
+
+
+def cache_activations(
+    lm: LoadedModel,
+    token_set: TokenSet,
+    path: str | os.PathLike,
+    *,
+    config: StoreConfig = StoreConfig(),
+    batch_rows: int | None = None,
+    overwrite: bool = False,
+    progress_bar: bool | None = None,
+    _after_batch: Callable[[int], None] | None = None,
+) -> Path:
+    """Run `lm` over every row of `token_set` and stream its MLP activations to `path`.
+
+    Resumes a killed run from its last complete batch; the finished file equals an
+    uninterrupted one. Never replaces an existing store unless `overwrite=True` (and then
+    only once the new one is complete).
+
+    **Arguments**
+    - `lm`: the model (its device is where the forward passes run).
+    - `token_set`: the rows to run, `[row, pos]`.
+    - `path`: the `.h5` file to create.
+    - `config`: which hooks, dtype, compression, layers.
+    - `batch_rows`: rows per forward pass (default: ~256 MiB of activations, at most 64).
+    - `progress_bar`: show a tokens/s bar (None follows the global switch).
+
+    **Returns** the path of the finished store.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    _check_compatible(lm.provenance, token_set, lm.tokenizer)
+    layers = _layers(lm.provenance, config)
+    hooks = [hook_name(l, k) for l in layers for k in config.kinds]
+    if batch_rows is None:
+        batch_rows = _default_batch_rows(lm, token_set, len(hooks))
+    if not isinstance(batch_rows, int) or batch_rows < 1:
+        raise UniversalNeuronsError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(path):
+        if path.exists():
+            head = _read_head(path)
+            theirs = head["token_set_hash"] if head else "unreadable"
+            if head is not None and theirs != token_set.hash and not overwrite:
+                raise UniversalNeuronsError(
+                    f"{path} holds activations of token set {theirs}, not the requested {token_set.hash}; "
+                    "choose another path, or pass overwrite=True to replace it")
+            if not overwrite:
+                raise UniversalNeuronsError(f"{path} already exists; open it with ActivationStore.open, or pass "
+                                            "overwrite=True to replace it")
+        start = None if overwrite else _resume_point(partial, lm, token_set, config)
+        if start is None:
+            _create(partial, lm, token_set, config, layers)
+            start = 0
+        elif start:
+            log.info("resuming %s from row %d of %d", partial, start, token_set.n_rows)
+        try:
+            _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar, _after_batch)
+        except _Overflow:
+            partial.unlink()  # float16 cannot hold this model's activations: the partial can never be finished
+            raise
+        os.replace(partial, path)
+    return path
+
+
+def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar, after_batch) -> None:
+    import h5py
+
+    ctx, d = token_set.ctx_len, lm.d_mlp
+    fp16 = config.dtype == "float16"
+    with h5py.File(partial, "r+") as f:
+        dsets = {hook_name(l, k): f[hook_name(l, k)] for l in layers for k in config.kinds}
+        bar = progress(total=token_set.n_tokens, initial=start * ctx, desc=f"cache {lm.name}", unit="tok",
+                       unit_scale=True, enabled=progress_bar)
+        try:
+            for r0 in range(start, token_set.n_rows, batch_rows):
+                r1 = min(r0 + batch_rows, token_set.n_rows)
+                toks = torch.from_numpy(token_set.ids[r0:r1]).long()
+                acts = mlp_activations(lm, toks, kinds=config.kinds, layers=layers)
+                for name, a in acts.items():
+                    a = a.reshape(-1, d)
+                    if fp16:
+                        big = float(a.abs().max())
+                        if not big <= _FP16_MAX:  # also NaN
+                            raise _Overflow(
+                                f"{name} of {lm.name} reaches |x| = {big:.6g} in rows {r0}..{r1 - 1}, beyond float16's "
+                                f"range (max {_FP16_MAX:g}); cache with StoreConfig(dtype='float32')")
+                        a = a.to(torch.float16)
+                    else:
+                        a = a.to(torch.float32)
+                    dsets[name].write_direct(np.ascontiguousarray(a.cpu().numpy()), dest_sel=np.s_[r0 * ctx:r1 * ctx])
+                f.attrs["complete_rows"] = r1
+                f.flush()
+                bar.update((r1 - r0) * ctx)
+                if after_batch is not None:
+                    after_batch(r1)
+        finally:
+            bar.close()
+
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class ActivationStore:
+    """A finished activation store, read lazily.
+
+    `store["blocks.3.mlp.hook_post"][a:b]` is an h5py dataset slice: `Float[ndarray, "token neuron"]`
+    of tokens a..b-1 (rows * ctx_len flattened in row order), in the stored dtype.
+    Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: Path, file) -> None:
+        self.path, self._f = path, file
+        a = file.attrs
+        self.provenance: dict[str, Any] = from_json(a["provenance"])
+        self.model: dict[str, Any] = from_json(a["model"])
+        self.config = StoreConfig.from_dict(from_json(a["store_config"]))
+        self.token_set_hash: str = str(a["token_set_hash"])
+        self.token_set_config = TokenSetConfig.from_dict(from_json(a["token_set_config"]))
+        self.tokenizer: dict[str, Any] = from_json(a["tokenizer"])
+        self.layers: list[int] = [int(l) for l in a["layers"]]
+        self.n_layers, self.d_mlp = int(a["n_layers"]), int(a["d_mlp"])
+        self.n_tokens, self.ctx_len = int(a["n_tokens"]), int(a["ctx_len"])
+        self.hooks: list[str] = sorted((k for k in file if k.startswith("blocks.")), key=parse_hook_name)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ActivationStore":
+        """Open a finished store for reading (errors say what is missing and how to make it)."""
+        import h5py
+
+        path = Path(path)
+        if not path.is_file():
+            partial = path.with_name(path.name + ".partial")
+            hint = (f"; an unfinished run left {partial}: run cache_activations again to resume it"
+                    if partial.exists() else "; write it with cache_activations (`universal-neurons cache`)")
+            raise UniversalNeuronsError(f"no activation store at {path}{hint}")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise UniversalNeuronsError(f"{path} is not a readable HDF5 file ({e})") from e
+        try:
+            if f.attrs.get("kind") != _KIND:
+                raise UniversalNeuronsError(f"{path} is not an activation store (kind={f.attrs.get('kind')!r})")
+            if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+                raise UniversalNeuronsError(f"{path} has schema version {int(f.attrs['schema_version'])}; this "
+                                            f"toolkit reads {SCHEMA_VERSION}. Cache the activations again")
+            if int(f.attrs["complete_rows"]) != int(f.attrs["n_rows"]):
+                raise UniversalNeuronsError(f"{path} is incomplete ({int(f.attrs['complete_rows'])} of "
+                                            f"{int(f.attrs['n_rows'])} rows); cache it again")
+            return cls(path, f)
+        except BaseException:
+            f.close()
+            raise
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, model={self.model.get('name')!r}, "
+                f"checkpoint={self.model.get('checkpoint')}, n_tokens={self.n_tokens}, hooks={len(self.hooks)}, "
+                f"dtype={self.config.dtype}, token_set={self.token_set_hash[:12]})")
+
+    def __getitem__(self, hook: str):
+        if hook not in self.hooks:
+            raise UniversalNeuronsError(f"{self.path} has no {hook!r}; it holds {self.hooks}")
+        return self._f[hook]
+
+    def __contains__(self, hook: str) -> bool:
+        return hook in self.hooks
+
+    def neuron(self, layer: int, i: int, kind: str = "post") -> np.ndarray:
+        """`Float[ndarray, "token"]`: neuron `i` of `layer` over every token."""
+        if not 0 <= int(i) < self.d_mlp:
+            raise UniversalNeuronsError(f"neuron {i} does not exist; layers have {self.d_mlp} neurons")
+        return self[hook_name(layer, kind)][:, int(i)]
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """`Int[ndarray, "token"]` int32, the ids every activation row belongs to."""
+        return self._f["token_ids"][()]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """`Bool[ndarray, "token"]`, True = counted by statistics."""
+        return self._f["mask"][()].astype(bool)
+
+    @property
+    def doc_index(self) -> np.ndarray:
+        return self._f["doc_index"][()]
+
+    @property
+    def chunk_tokens(self) -> int:
+        return int(self._f[self.hooks[0]].chunks[0])
+
+
+def _open_all(stores) -> tuple[list[ActivationStore], list[bool]]:
+    out, owned = [], []
+    for s in stores:
+        if isinstance(s, ActivationStore):
+            out.append(s)
+            owned.append(False)
+        else:
+            out.append(ActivationStore.open(s))
+            owned.append(True)
+    return out, owned
+
+
+class AlignedSource:
+    """Token-aligned batches from several stores of one token set; re-iterable (each `iter()`
+    is a new pass reading every chunk once, in file order).
+
+    Yields `(mask: Bool[Tensor, "token"], acts: list[Float[Tensor, "token n_layers*d_mlp"]])`, one
+    tensor per store in store order, neuron index = layer * d_mlp + neuron.
+    """
+
+    def __init__(self, stores, batch_tokens: int, kind: str = "post", device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if kind not in ("post", "pre"):
+            raise UniversalNeuronsError(f"unknown hook kind {kind!r}; use 'post' or 'pre'")
+        if not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise UniversalNeuronsError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
+        stores = list(stores)
+        if not stores:
+            raise UniversalNeuronsError("iter_aligned needs at least one store")
+        self.stores, self._owned = _open_all(stores)
+        try:
+            self._check(kind)
+        except BaseException:
+            self.close()
+            raise
+        self.kind, self.device, self.dtype = kind, pick_device(device) if device is not None else torch.device("cpu"), dtype
+        align = max(s.chunk_tokens for s in self.stores)  # powers of two: one multiple aligns all
+        self.batch_tokens = max(align, (batch_tokens // align) * align)
+        self.n_tokens = self.stores[0].n_tokens
+        self.token_set_hash = self.stores[0].token_set_hash
+        self.hooks = [[hook_name(l, kind) for l in s.layers] for s in self.stores]
+        self._mask = torch.from_numpy(self.stores[0].mask)
+
+    def _check(self, kind: str) -> None:
+        hashes = {str(s.path): s.token_set_hash for s in self.stores}
+        if len(set(hashes.values())) > 1:
+            listing = "; ".join(f"{p}: {h}" for p, h in hashes.items())
+            raise UniversalNeuronsError(f"these stores hold activations of different token sets ({listing}); cache "
+                                        "every model on the same token set before correlating them")
+        for s in self.stores:
+            missing = [hook_name(l, kind) for l in s.layers if hook_name(l, kind) not in s]
+            if missing:
+                raise UniversalNeuronsError(f"{s.path} has no {missing[0]} (it holds {s.hooks}); cache it with "
+                                            f"StoreConfig(kinds=('{kind}',...))")
+        layouts = {str(s.path): (tuple(s.layers), s.d_mlp) for s in self.stores}
+        if len(set(layouts.values())) > 1:
+            raise UniversalNeuronsError(f"the stores hold different hooks (layers, d_mlp): {layouts}")
+
+    @property
+    def n_neurons(self) -> list[int]:
+        return [len(s.layers) * s.d_mlp for s in self.stores]
+
+    def __len__(self) -> int:
+        return -(-self.n_tokens // self.batch_tokens)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        for a in range(0, self.n_tokens, self.batch_tokens):
+            b = min(a + self.batch_tokens, self.n_tokens)
+            acts = []
+            for s, hooks in zip(self.stores, self.hooks):
+                d = s.d_mlp
+                buf = np.empty((b - a, len(hooks) * d), dtype=s[hooks[0]].dtype)
+                for j, h in enumerate(hooks):
+                    s[h].read_direct(buf, np.s_[a:b], np.s_[:, j * d:(j + 1) * d])
+                acts.append(torch.from_numpy(buf).to(self.device, self.dtype))
+            yield self._mask[a:b].to(self.device), acts
+
+    def close(self) -> None:
+        """Close the stores this source opened itself."""
+        for s, own in zip(self.stores, self._owned):
+            if own:
+                s.close()
+
+    def __enter__(self) -> "AlignedSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_aligned(stores: Sequence, batch_tokens: int, kind: str = "post", device=None,
+                 dtype: torch.dtype = torch.float32) -> AlignedSource:
+    """The correlation engine's source over stores on disk.
+
+    First checks that every store holds the same token set (hash) and the same hooks.
+
+    **Arguments**
+    - `stores`: paths or open `ActivationStore`s, reference model first.
+    - `batch_tokens`: tokens per batch, rounded down to whole chunks (at least one chunk).
+    - `kind`: `'post'` or `'pre'`; `device`: where the tensors go (default CPU); `dtype` of them.
+
+    **Returns** a re-iterable `AlignedSource` yielding `(mask: Bool[Tensor, "token"],
+    acts: list[Float[Tensor, "token n_layers*d_mlp"]])`.
+    """
+    return AlignedSource(stores, batch_tokens, kind=kind, device=device, dtype=dtype)
+
+
+class LiveSource:
+    """The same `(mask, acts)` contract as `iter_aligned`, computed by running every model on the
+    same rows, with nothing cached on disk (values equal a float32 store). Re-iterable.
+
+    **Arguments**
+    - `models`: `LoadedModel`s of one family, reference first.
+    - `token_set`: the rows; `batch_rows`: rows per forward pass.
+    - `kind`: `'post'` or `'pre'`; `device`: where yielded tensors go (default: the first model's).
+    """
+
+    def __init__(self, models: Sequence[LoadedModel], token_set: TokenSet, batch_rows: int, kind: str = "post",
+                 device=None, progress_bar: bool | None = False) -> None:
+        if kind not in ("post", "pre"):
+            raise UniversalNeuronsError(f"unknown hook kind {kind!r}; use 'post' or 'pre'")
+        if not isinstance(batch_rows, int) or batch_rows < 1:
+            raise UniversalNeuronsError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+        self.models = list(models)
+        if not self.models:
+            raise UniversalNeuronsError("LiveSource needs at least one model")
+        for lm in self.models:
+            _check_compatible(lm.provenance, token_set, lm.tokenizer)
+        self.token_set, self.batch_rows, self.kind = token_set, batch_rows, kind
+        self.device = pick_device(device) if device is not None else self.models[0].device
+        self.n_tokens, self.token_set_hash = token_set.n_tokens, token_set.hash
+        self.batch_tokens = batch_rows * token_set.ctx_len
+        self.progress_bar = progress_bar
+
+    @property
+    def n_neurons(self) -> list[int]:
+        return [lm.n_layers * lm.d_mlp for lm in self.models]
+
+    def __len__(self) -> int:
+        return -(-self.token_set.n_rows // self.batch_rows)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        bar = progress(total=self.n_tokens, desc="live activations", unit="tok", unit_scale=True,
+                       enabled=self.progress_bar)
+        try:
+            for ids, mask in self.token_set.batches(self.batch_rows):
+                toks = torch.from_numpy(ids).long()
+                acts = []
+                for lm in self.models:
+                    out = mlp_activations(lm, toks, kinds=(self.kind,))
+                    acts.append(torch.cat([out[hook_name(l, self.kind)].reshape(-1, lm.d_mlp)
+                                           for l in range(lm.n_layers)], dim=1).to(self.device, torch.float32))
+                bar.update(ids.size)
+                yield torch.from_numpy(mask.reshape(-1)).to(self.device), acts
+        finally:
+            bar.close()
