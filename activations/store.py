@@ -279,7 +279,8 @@ def _resume_point(partial: Path, lm: LoadedModel, token_set: TokenSet, config: S
         raise UniversalNeuronsError(
             f"{partial} is an unfinished store for token set {head['token_set_hash']}, not the requested "
             f"{token_set.hash}; pass overwrite=True to discard it, or write to another path")
-    if _identity(head["model"] or {}) != _identity(lm.provenance) or head["store_config"] != config.to_dict():
+    same_model = _identity(head["model"] or {}) == from_json(to_json(_identity(lm.provenance)))
+    if not same_model or head["store_config"] != from_json(to_json(config.to_dict())):
         raise UniversalNeuronsError(
             f"{partial} is an unfinished store for another model or configuration "
             f"({(head['model'] or {}).get('name')}, {head['store_config']}); pass overwrite=True to discard it, "
