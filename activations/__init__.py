@@ -15,6 +15,17 @@ from .models import (
     run_with_post_hooks,
     save_model_dir,
 )
+from .store import (
+    ActivationStore,
+    AlignedSource,
+    LiveSource,
+    StoreConfig,
+    cache_activations,
+    iter_aligned,
+    preflight_cache,
+    store_filename,
+)
+from .tokens import TokenSet, TokenSetConfig, build_token_set, load_token_set
 
 __all__ = [
     "UniversalNeuronsError",
@@ -31,4 +42,16 @@ __all__ = [
     "parse_hook_name",
     "run_with_post_hooks",
     "save_model_dir",
+    "TokenSet",
+    "TokenSetConfig",
+    "build_token_set",
+    "load_token_set",
+    "StoreConfig",
+    "cache_activations",
+    "preflight_cache",
+    "ActivationStore",
+    "iter_aligned",
+    "AlignedSource",
+    "LiveSource",
+    "store_filename",
 ]

@@ -20,7 +20,7 @@ from activations.tokens import TokenSet, TokenSetConfig, build_token_set
 from conftest import SAMPLE_TEXT, make_family
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = SAMPLE_TEXT.split("\n\n") * 8
+DOCS = SAMPLE_TEXT.split("\n\n") * 4
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,12 @@ def lms(tiny_family):
 
 @pytest.fixture(scope="module")
 def ts(tokenizer):
-    return build_token_set(DOCS, tokenizer, TokenSetConfig(ctx_len=32))  # ~110 rows of the tiny n_ctx
+    return build_token_set(DOCS, tokenizer, TokenSetConfig(ctx_len=32))  # ~58 rows of the tiny n_ctx
 
 
 @pytest.fixture(scope="module")
 def ts_other(tokenizer):
-    return build_token_set(DOCS, tokenizer, TokenSetConfig(ctx_len=32, n_tokens=32 * 40, seed=7))
+    return build_token_set(DOCS, tokenizer, TokenSetConfig(ctx_len=32, n_tokens=32 * 24, seed=7))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,18 @@ def fp32_store(lms, ts, tmp_path_factory):
                              config=StoreConfig(dtype="float32", kinds=("post", "pre")), batch_rows=8)
 
 
+_REF: dict = {}
+
+
 def _reference(lm, ts, batch_rows=8):
-    """{hook: [token, d_mlp]} from TransformerLens' own run_with_cache, same row batches."""
+    """{hook: [token, d_mlp]} from TransformerLens' own run_with_cache, same row batches (memoised)."""
+    key = (id(lm), ts.hash, batch_rows)
+    if key not in _REF:
+        _REF[key] = _run_with_cache(lm, ts, batch_rows)
+    return _REF[key]
+
+
+def _run_with_cache(lm, ts, batch_rows):
     out = {}
     for r in range(0, ts.n_rows, batch_rows):
         _, cache = lm.model.run_with_cache(torch.from_numpy(ts.ids[r:r + batch_rows]).long())
