@@ -218,35 +218,40 @@ class _Moments:
         self.m2 = torch.zeros(n, dtype=torch.float64, device=device)
 
 
-def _centre(t: torch.Tensor, out: torch.Tensor | None = None):
-    """Centre `t` [token, unit] by its batch mean.
+def _centre(t: torch.Tensor, out: torch.Tensor | None = None, *, want_m2: bool = True):
+    """Centre `t` [token, unit] (any float dtype) by its batch mean, into float32.
 
-    Returns (c, mean_b, resid, m2_b): c = t - fp32 mean estimate; `resid` = the exact
-    mean of c (float64, tiny), so sum(c c^T) - n resid resid^T is the exact co-moment
-    about the batch mean; mean_b = estimate + resid; m2_b = that co-moment's diagonal.
+    Returns (c, mean_b, resid, m2_b): c = t - (float32 mean estimate); `resid` = the
+    exact mean of c (float64, tiny), so sum(c c^T) - n resid resid^T is the exact
+    co-moment about the batch mean; mean_b = estimate + resid; m2_b = that co-moment's
+    diagonal (None unless `want_m2`).
     """
     n = t.shape[0]
-    est = t.sum(0, dtype=torch.float32) / n
-    c = torch.sub(t, est, out=out) if out is not None else t - est
-    resid = c.sum(0).double() / n
-    m2 = (c * c).sum(0).double() - n * resid ** 2
-    return c, est.double() + resid, resid, m2.clamp_min_(0.0)
+    est = t.sum(0, dtype=torch.float32).div_(n)
+    c = torch.sub(t, est, out=out) if out is not None else torch.sub(t, est)
+    resid = c.sum(0).double().div_(n)
+    m2 = None
+    if want_m2:
+        m2 = ((c * c).sum(0).double() - n * resid ** 2).clamp_min_(0.0)
+    return c, est.double() + resid, resid, m2
 
 
-def _merge_moments(mom: _Moments, n_old: int, n_b: int, mean_b, m2_b) -> torch.Tensor:
-    """Chan et al.'s merge of one batch into `mom`; returns dmean = mean_b - mean_old."""
-    n = n_old + n_b
+def _merge_mean(mom: "_Moments", n_old: int, n_b: int, mean_b) -> torch.Tensor:
+    """Chan et al.'s merge of a batch mean; returns dmean = mean_b - mean_old."""
     delta = mean_b - mom.mean
-    mom.m2 += m2_b + delta * delta * (n_old * n_b / n)
-    mom.mean += delta * (n_b / n)
+    mom.mean += delta * (n_b / (n_old + n_b))
     return delta
+
+
+def _merge_m2(mom: "_Moments", n_old: int, n_b: int, m2_b, delta) -> None:
+    mom.m2 += m2_b + delta * delta * (n_old * n_b / (n_old + n_b))
 
 
 class _Pass:
     """Accumulators of one pass over the source for reference rows [i0, i1)."""
 
-    def __init__(self, layouts, config, device, i0, i1, *, want_sigma: bool):
-        self.layouts, self.config, self.device = layouts, config, device
+    def __init__(self, layouts, config, device, i0, i1, *, n_pass: int, want_sigma: bool):
+        self.layouts, self.config, self.device, self.n_pass = layouts, config, device, n_pass
         self.i0, self.i1 = i0, i1
         self.widths = [l.n_neurons for l in layouts]
         self.offsets = np.cumsum([0] + self.widths[1:]).tolist()  # column offsets of each m
@@ -262,22 +267,14 @@ class _Pass:
                       if want_sigma else None)
 
     # -- helpers ------------------------------------------------------------
-    def _gemm(self, x, y, sx, sy):
-        """x^T y [rows, cols] in the configured precision; bf16 inputs are pre-scaled to unit spread."""
-        if self.config.precision == "bf16":
-            g = (x / sx).bfloat16().T @ (y / sy).bfloat16()
-            return g.float().mul_(sx[:, None]).mul_(sy[None, :])
-        return x.T @ y
+    def _low(self, t):
+        """GEMM operand in the configured precision (bf16 after centring keeps the error ~1e-3)."""
+        return t.bfloat16() if self.config.precision == "bf16" else t
 
     def _merge_cross(self, C, G, coef, dx, rx, dy, ry, n_b):
         # C += [G - n_b rx ry^T] + coef dx dy^T  (batch co-moment about the exact batch mean, then Chan)
         C.add_(G)
         C.addmm_(torch.stack([dx * coef, rx * -float(n_b)], 1), torch.stack([dy, ry], 0))
-
-    @staticmethod
-    def _scale(m2, n_b):
-        s = (m2 / n_b).sqrt().float()
-        return torch.where(s > 0, s, torch.ones_like(s))
 
     # -- one batch ----------------------------------------------------------
     def update(self, batch_index: int, mask: torch.Tensor, acts: list[torch.Tensor]) -> int:
@@ -288,68 +285,70 @@ class _Pass:
             return 0
         full = n_b == mask.shape[0]
 
-        def rows(t):
+        def rows(t):  # masked-in tokens, still in the source's dtype (fp16 converts during centring)
             t = t.to(dev, non_blocking=True)
-            t = t if full else t.index_select(0, idx)
-            return t if t.dtype == torch.float32 else t.float()
+            return t if full else t.index_select(0, idx)
 
         n_old, n_other = self.n, self.offsets[-1]
         coef = n_old * n_b / (n_old + n_b)
+        # second moments are the same on every pass: only the first pass computes them
+        first = self.n_pass == 0
+        m2_from_sigma = self.sigma is not None and cfg.precision != "bf16"
         # reference: centred once, reused for every m and every baseline
-        xc, mean_b, rx, m2x = _centre(rows(acts[0]))
-        dx = _merge_moments(self.moments[0], n_old, n_b, mean_b, m2x)
-        xb = xc[:, self.i0:self.i1]
-        sx = self._scale(m2x[self.i0:self.i1], n_b)
+        xc, mean_b, rx, m2x = _centre(rows(acts[0]), want_m2=first)
+        dx = _merge_mean(self.moments[0], n_old, n_b, mean_b)
+        if first:
+            _merge_m2(self.moments[0], n_old, n_b, m2x, dx)
+        xb = self._low(xc[:, self.i0:self.i1])
+        dx, rx = dx[self.i0:self.i1], rx[self.i0:self.i1]
 
-        Y = torch.empty(n_b, n_other, dtype=torch.float32, device=dev)  # [token, all m neurons]
-        dy, ry, sy = [], [], []
+        Y = torch.empty(n_b, n_other, dtype=torch.float32, device=dev)  # [token, all m neurons], centred
+        dy, ry, m2y = [], [], []
         for k in range(1, len(self.layouts)):
             sl = slice(self.offsets[k - 1], self.offsets[k])
-            _, mean_b, r, m2 = _centre(rows(acts[k]), out=Y[:, sl])
-            dy.append(_merge_moments(self.moments[k], n_old, n_b, mean_b, m2))
+            _, mean_b, r, m2 = _centre(rows(acts[k]), out=Y[:, sl], want_m2=first and not m2_from_sigma)
+            dy.append(_merge_mean(self.moments[k], n_old, n_b, mean_b))
             ry.append(r)
-            sy.append(self._scale(m2, n_b))
-        dy, ry, sy = torch.cat(dy), torch.cat(ry), torch.cat(sy)
-        self._merge_cross(self.C, self._gemm(xb, Y, sx, sy), coef, dx[self.i0:self.i1],
-                          rx[self.i0:self.i1], dy, ry, n_b)
+            m2y.append(m2)
+        Yg = self._low(Y)
+        self._merge_cross(self.C, xb.T @ Yg, coef, dx, rx, torch.cat(dy), torch.cat(ry), n_b)
 
-        if self.sigma is not None:  # within-layer Σ_y of each m, for the rotation identity
-            for k, lay in enumerate(self.layouts[1:]):
-                sl = slice(self.offsets[k], self.offsets[k + 1])
-                yl = Y[:, sl].reshape(n_b, lay.n_layers, lay.d_mlp).transpose(0, 1)  # [layer, token, d]
-                if cfg.precision == "bf16":
-                    s = sy[sl].reshape(lay.n_layers, 1, lay.d_mlp)
-                    yb = (yl / s).bfloat16()
-                    g = torch.bmm(yb.transpose(1, 2), yb).float() * (s.transpose(1, 2) * s)
-                else:
-                    g = torch.bmm(yl.transpose(1, 2), yl)
-                d, r = dy[sl].reshape(lay.n_layers, lay.d_mlp, 1), ry[sl].reshape(lay.n_layers, lay.d_mlp, 1)
-                self.sigma[k].add_(g).baddbmm_(torch.cat([d * coef, r * -float(n_b)], 2),
-                                               torch.cat([d, r], 2).transpose(1, 2))
+        for k, lay in enumerate(self.layouts[1:]):
+            if self.sigma is not None:  # within-layer Σ_y of m, for the rotation identity
+                d, o = lay.d_mlp, self.offsets[k]
+                g = torch.stack([Yg[:, o + l * d:o + (l + 1) * d].T @ Yg[:, o + l * d:o + (l + 1) * d]
+                                 for l in range(lay.n_layers)])               # [layer, d, d]
+                dl, rl = dy[k].reshape(lay.n_layers, d, 1), ry[k].reshape(lay.n_layers, d, 1)
+                self.sigma[k].add_(g).baddbmm_(torch.cat([dl * coef, rl * -float(n_b)], 2),
+                                               torch.cat([dl, rl], 2).transpose(1, 2))
+                if m2_from_sigma:  # sum(c^2) is the diagonal of the Σ GEMM: no extra pass
+                    m2y[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1).double() - n_b * ry[k] ** 2).clamp_min_(0.0)
+            if first:
+                _merge_m2(self.moments[k + 1], n_old, n_b, m2y[k], dy[k])
+        dy, ry = torch.cat(dy), torch.cat(ry)
 
         if cfg.baseline == "permutation":
-            Yp = torch.empty_like(Y)
+            Yp = torch.empty_like(Yg)
             for k, lay in enumerate(self.layouts[1:]):
                 sl = slice(self.offsets[k], self.offsets[k + 1])
                 perm = _bl.token_permutation(n_b, seed=cfg.seed, label=lay.label,
                                              batch_index=batch_index, device=dev)
-                Yp[:, sl] = Y[:, sl][perm]
+                Yp[:, sl] = Yg[:, sl][perm]
             # permuted columns keep their batch means, so the same Chan terms apply
-            self._merge_cross(self.Cb, self._gemm(xb, Yp, sx, sy), coef, dx[self.i0:self.i1],
-                              rx[self.i0:self.i1], dy, ry, n_b)
+            self._merge_cross(self.Cb, xb.T @ Yp, coef, dx, rx, dy, ry, n_b)
         elif cfg.baseline == "gaussian":
             Z = torch.empty_like(Y)
-            dz, rz, sz = [], [], []
+            dz, rz = [], []
             for k, lay in enumerate(self.layouts[1:]):
                 sl = slice(self.offsets[k], self.offsets[k + 1])
                 z = _bl.gaussian_units(n_b, lay.n_neurons, seed=cfg.seed, label=lay.label,
                                        batch_index=batch_index, device=dev)
-                _, mean_b, r, m2 = _centre(z, out=Z[:, sl])
-                dz.append(_merge_moments(self.z_moments[k], n_old, n_b, mean_b, m2))
+                _, mean_b, r, m2 = _centre(z, out=Z[:, sl], want_m2=first)
+                dz.append(_merge_mean(self.z_moments[k], n_old, n_b, mean_b))
+                if first:
+                    _merge_m2(self.z_moments[k], n_old, n_b, m2, dz[-1])
                 rz.append(r)
-                sz.append(self._scale(m2, n_b))
-            self._merge_cross(self.Cb, self._gemm(xb, Z, sx, torch.cat(sz)), coef, dx[self.i0:self.i1],
-                              rx[self.i0:self.i1], torch.cat(dz), torch.cat(rz), n_b)
+            self._merge_cross(self.Cb, xb.T @ self._low(Z), coef, dx, rx, torch.cat(dz), torch.cat(rz), n_b)
         self.n += n_b
         return n_b
 
@@ -588,7 +587,7 @@ def correlate(source: Iterable, layouts: Sequence[ModelLayout], config: Correlat
     first = None
     try:
         for p, (i0, i1) in enumerate(blocks):
-            acc = _Pass(layouts, config, device, i0, i1, want_sigma=kind == "rotation" and p == 0)
+            acc = _Pass(layouts, config, device, i0, i1, n_pass=p, want_sigma=kind == "rotation" and p == 0)
             desc = f"correlate {ref.label}" + (f" block {p + 1}/{len(blocks)}" if len(blocks) > 1 else "")
             with torch.no_grad(), _matmul_precision(device, config.precision), \
                     progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
