@@ -1,7 +1,7 @@
 """Train a seed family: K GPT-2-style models of one configuration, each from its own seed
 (initialisation and data order), with checkpoints saved like the hub's `checkpoint-{step}`.
 
-Tokens in (a 1-D stream of token ids), model directories out:
+Token rows in (BOS first, like every token set of the toolkit), model directories out:
 
     family_dir/seed-a/checkpoint-0/      config.json, weights, tokenizer, universal_neurons.json
     family_dir/seed-a/checkpoint-120/
@@ -104,18 +104,6 @@ def log_spaced_steps(n_steps: int, n: int) -> list[int]:
     return sorted({0, *(int(round(s)) for s in inner), n_steps})
 
 
-def _rows(stream: np.ndarray, n_ctx: int, bos: int) -> np.ndarray:
-    """Cut a token stream into rows `[BOS] + n_ctx-1 tokens` (same shape as evaluation rows)."""
-    body = n_ctx - 1
-    n_rows = len(stream) // body
-    if n_rows == 0:
-        raise UniversalNeuronsError(f"the token stream ({len(stream)} tokens) is shorter than one row of {n_ctx}")
-    rows = np.empty((n_rows, n_ctx), dtype=np.int64)
-    rows[:, 0] = bos
-    rows[:, 1:] = stream[: n_rows * body].reshape(n_rows, body)
-    return rows
-
-
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -127,7 +115,8 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    # fused AdamW: one kernel for all parameters, several times faster than foreach on CPU here
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def _loss(model, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -151,8 +140,8 @@ def _evaluate(model, rows: torch.Tensor, batch_rows: int, bf16: bool) -> float:
 
 
 def train_seed(
-    train_stream: np.ndarray,
-    val_stream: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
     tokenizer,
     *,
     config: TrainConfig,
@@ -165,7 +154,8 @@ def train_seed(
     """Train one seed and save its checkpoints; resumes from `seed_dir` if a run was killed.
 
     **Arguments**
-    - `train_stream`, `val_stream`: `Int[ndarray, "token"]` token ids (documents joined with EOS).
+    - `train_rows`, `val_rows`: `Int[ndarray, "row pos"]` token rows with BOS first, pos = n_ctx
+      (`TokenSet.ids` of `build_token_set(..., TokenSetConfig(ctx_len=n_ctx))`).
     - `tokenizer`: saved next to every checkpoint.
     - `seed`: initialisation and data order.
     - `seed_dir`: where `checkpoint-{step}/` directories go.
@@ -177,19 +167,23 @@ def train_seed(
     dev = pick_device(device)
     seed_dir = Path(seed_dir)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    if int(np.max(train_stream)) >= cfg.model.d_vocab:
-        raise UniversalNeuronsError(
-            f"token id {int(np.max(train_stream))} is outside the model's vocabulary ({cfg.model.d_vocab}); "
-            "set GPT2Config.d_vocab to the tokenizer's size"
-        )
-    rows = _rows(train_stream, cfg.model.n_ctx, bos)
+    rows = np.asarray(train_rows, dtype=np.int64)
+    for what, r in (("training", rows), ("validation", val_rows)):
+        if r.ndim != 2 or r.shape[1] != cfg.model.n_ctx:
+            raise UniversalNeuronsError(
+                f"{what} rows have shape {r.shape}; expected (rows, n_ctx={cfg.model.n_ctx}): build them with "
+                f"TokenSetConfig(ctx_len={cfg.model.n_ctx})")
+        if int(r.max()) >= cfg.model.d_vocab:
+            raise UniversalNeuronsError(
+                f"token id {int(r.max())} in the {what} rows is outside the model's vocabulary ({cfg.model.d_vocab}); "
+                "set GPT2Config.d_vocab to the tokenizer's size")
     need = cfg.n_steps * cfg.batch_rows
     if need > len(rows):
         raise UniversalNeuronsError(
             f"training {cfg.n_tokens:,} tokens needs {need} rows of {cfg.model.n_ctx} but the training text has "
             f"{len(rows)} ({len(rows) * cfg.model.n_ctx:,} tokens); lower n_tokens or add text"
         )
-    val_rows = torch.from_numpy(_rows(val_stream, cfg.model.n_ctx, bos)[: max(1, cfg.eval_tokens // cfg.model.n_ctx)]).to(dev)
+    val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int64)[: max(1, cfg.eval_tokens // cfg.model.n_ctx)]).to(dev)
     order = np.random.default_rng(seed).permutation(len(rows))[:need]  # data order is part of the seed
     steps = cfg.checkpoint_steps()
 
@@ -258,8 +252,8 @@ def train_seed(
 
 
 def train_family(
-    train_stream: np.ndarray,
-    val_stream: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
     tokenizer,
     *,
     config: TrainConfig,
@@ -291,6 +285,6 @@ def train_family(
             log.info("reusing %s (already trained)", seed_dir)
             out.append(TrainResult(seed=seed, seed_dir=seed_dir, records=recs))
             continue
-        out.append(train_seed(train_stream, val_stream, tokenizer, config=config, seed=seed, seed_dir=seed_dir,
+        out.append(train_seed(train_rows, val_rows, tokenizer, config=config, seed=seed, seed_dir=seed_dir,
                               name=f"seed-{seed_label(k)}", device=device, show_progress=show_progress))
     return out

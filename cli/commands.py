@@ -1,0 +1,284 @@
+"""The subcommands. Each one: arguments in, one public API call, a line saying where results are."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .main import command
+
+log = logging.getLogger("universal_neurons")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx-len", type=int, default=256, help="row length incl. BOS (paper: 512; default 256)")
+    p.add_argument("--n-tokens", type=int, default=None, help="tokens to sample (whole rows); default all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample")
+    p.add_argument("--keep-newlines", action="store_true", help="do not mask newline tokens")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records")
+
+
+def _token_config(a):
+    from activations import TokenSetConfig
+
+    return TokenSetConfig(ctx_len=a.ctx_len, n_tokens=a.n_tokens, seed=a.seed,
+                          exclude_newlines=not a.keep_newlines, text_field=a.text_field)
+
+
+def _corr_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--baseline", default="rotation", choices=["rotation", "gaussian", "permutation", "none"])
+    p.add_argument("--baseline-seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
+                   help="GEMM precision: fp32 exact; bf16 ~5x faster on CPU, error ~3e-3")
+    p.add_argument("--absolute", action="store_true", help="rank partners by |rho|")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="accumulator budget; above it, neuron blocks")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--hist-bins", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+
+
+def _corr_config(a):
+    from universal import CorrelationConfig
+
+    return CorrelationConfig(baseline=a.baseline, seed=a.baseline_seed, precision=a.precision, absolute=a.absolute,
+                             memory_budget=int(a.memory_gb * 2**30), top_k=a.top_k, hist_bins=a.hist_bins,
+                             device=a.device or "auto")
+
+
+# ---------------------------------------------------------------------------- tokenize
+
+
+def _add_tokenize(p):
+    p.add_argument("source", help="text file, .jsonl, folder of them, or hf:<dataset>")
+    p.add_argument("--model", required=True, help="model (name or directory) whose tokenizer to use")
+    p.add_argument("-o", "--out", required=True, help="token-set file (.h5)")
+    p.add_argument("--overwrite", action="store_true")
+    _token_args(p)
+
+
+@command("tokenize", "build a token set (ids, mask, hash) from text with a model's tokenizer")(_add_tokenize)
+def _tokenize(a):
+    from activations import build_token_set, load_model
+
+    lm = load_model(a.model, device="cpu")
+    ts = build_token_set(a.source, lm.tokenizer, _token_config(a))
+    path = ts.save(a.out, overwrite=a.overwrite)
+    _say(f"token set: {ts.n_rows} rows x {ts.ctx_len} = {ts.n_tokens:,} tokens ({ts.n_counted:,} counted), "
+         f"hash {ts.hash[:12]} -> {path}")
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def _add_cache(p):
+    p.add_argument("model", help="hub name or model directory")
+    p.add_argument("--tokens", required=True, help="token set from `universal-neurons tokenize`")
+    p.add_argument("-o", "--out", required=True, help="store file (.h5)")
+    p.add_argument("--checkpoint", type=int, default=None, help="training step")
+    p.add_argument("--pre", action="store_true", help="also store hook_pre")
+    p.add_argument("--fp32", action="store_true", help="store float32 (default float16)")
+    p.add_argument("--compression", choices=["gzip", "lzf"], default=None)
+    p.add_argument("--batch-rows", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
+@command("cache", "run a model over a token set and stream its MLP activations to HDF5 (resumable)")(_add_cache)
+def _cache(a):
+    from activations import StoreConfig, cache_activations, load_model, load_token_set, preflight_cache
+
+    ts = load_token_set(a.tokens)
+    lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
+    cfg = StoreConfig(kinds=("post", "pre") if a.pre else ("post",), dtype="float32" if a.fp32 else "float16",
+                      compression=a.compression)
+    pf = preflight_cache(lm, ts, cfg)
+    _say("preflight: " + ", ".join(f"{k}={v}" for k, v in pf.items() if not isinstance(v, (list, dict))))
+    path = cache_activations(lm, ts, a.out, config=cfg, batch_rows=a.batch_rows, overwrite=a.overwrite)
+    _say(f"activations of {lm.name} -> {path}")
+
+
+# ---------------------------------------------------------------------------- correlate / flag
+
+
+def _add_correlate(p):
+    p.add_argument("stores", nargs="+", help="activation stores of one token set; the first is the reference")
+    p.add_argument("-o", "--out", required=True, help="correlation result (.h5)")
+    p.add_argument("--labels", default=None, help="comma-separated labels (default a,b,c,...)")
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--full-matrix", default=None, help="also write the full correlation matrices here (.h5)")
+    p.add_argument("--all-pairs", action="store_true", help="every model as the reference in turn (beyond the paper)")
+    p.add_argument("--overwrite", action="store_true")
+    _corr_args(p)
+
+
+@command("correlate", "correlate every neuron of the reference with every neuron of the others, with a baseline")(_add_correlate)
+def _correlate(a):
+    from activations import ActivationStore, iter_aligned
+    from universal import ModelLayout, correlate, correlate_all_pairs, preflight
+    from universal.training import seed_label
+
+    labels = a.labels.split(",") if a.labels else [seed_label(k) for k in range(len(a.stores))]
+    if len(labels) != len(a.stores):
+        from activations import UniversalNeuronsError
+
+        raise UniversalNeuronsError(f"--labels names {len(labels)} models but {len(a.stores)} stores were given")
+    layouts, provs = [], []
+    for lab, p in zip(labels, a.stores):
+        with ActivationStore.open(p) as s:
+            layouts.append(ModelLayout(lab, len(s.layers), s.d_mlp))
+            provs.append(s.provenance)
+            n_tokens, ts_hash = s.n_tokens, s.token_set_hash
+    cfg = _corr_config(a)
+    pf = preflight(layouts, n_tokens, cfg)
+    _say("preflight: " + (pf if isinstance(pf, str) else ", ".join(f"{k}={v}" for k, v in pf.items())))
+    source = iter_aligned(a.stores, batch_tokens=a.batch_tokens, device=a.device)
+    prov = {"models": [p.get("model", p) for p in provs], "labels": labels, "stores": [str(Path(s).resolve()) for s in a.stores],
+            "token_set": {"hash": ts_hash}}
+    if a.all_pairs:
+        results = correlate_all_pairs(source, layouts, cfg, provenance=prov)
+        out = Path(a.out)
+        for lab, res in results.items():
+            path = out.with_name(f"{out.stem}-ref-{lab}{out.suffix}")
+            res.save(path, overwrite=a.overwrite)
+            _say(f"reference {lab}: -> {path}")
+        return 0
+    res = correlate(source, layouts, cfg, provenance=prov, full_matrix_path=a.full_matrix, overwrite=a.overwrite)
+    res.save(a.out, overwrite=a.overwrite)
+    dead = ", ".join(f"{k}: {int(v.sum())}" for k, v in res.dead.items())
+    _say(f"correlated {res.n_tokens:,} tokens; dead neurons {dead} -> {a.out}")
+
+
+def _add_flag(p):
+    p.add_argument("correlation", help="result of `universal-neurons correlate`")
+    p.add_argument("-o", "--out", required=True, help="table file: .csv or .h5")
+    p.add_argument("--threshold", type=float, default=0.5, help="universal iff excess_corr > threshold")
+    p.add_argument("--overwrite", action="store_true")
+
+
+@command("flag", "build the universality table (excess correlation over the baseline) and flag universal neurons")(_add_flag)
+def _flag(a):
+    from universal import CorrelationResult, save_universality_table, universality_table
+    from universal.pipeline import family_summary
+
+    res = CorrelationResult.load(a.correlation)
+    table = universality_table(res, threshold=a.threshold)
+    save_universality_table(table, a.out, provenance=res.provenance, overwrite=a.overwrite)
+    s = family_summary(table, res, a.threshold)
+    per = "; ".join(f"layer {d['layer']}: {d['universal']}/{d['neurons']}" for d in s["per_layer"])
+    _say(f"{s['universal']} of {s['neurons']} neurons universal ({100 * s['universal_fraction']:.2f}%; {per}) -> {a.out}")
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _add_run(p):
+    p.add_argument("models", nargs="+", help="hub names or model directories of one seed family, reference first")
+    p.add_argument("--text", required=True, help="text file, .jsonl, folder, or hf:<dataset>")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--checkpoint", type=int, default=None, help="training step loaded for every model")
+    p.add_argument("--labels", default=None)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--no-cache", action="store_true", help="correlate from live models; write no activation stores")
+    p.add_argument("--batch-rows", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    _token_args(p)
+    _corr_args(p)
+
+
+@command("run", "the whole pipeline (tokenize, cache, correlate, flag, later stages) for models you name")(_add_run)
+def _run(a):
+    from universal.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
+                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device)
+    res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint,
+                       labels=a.labels.split(",") if a.labels else None, config=cfg, overwrite=a.overwrite)
+    _print_summary(res.summary)
+    _say(f"results -> {res.out_dir}")
+
+
+def _print_summary(summary: dict) -> None:
+    u = summary["universality"]
+    _say(f"universal neurons: {u['universal']} of {u['neurons']} ({100 * u['universal_fraction']:.2f}%) "
+         f"at excess_corr > {u['threshold']} over {u['n_tokens']:,} tokens")
+    for d in u["per_layer"]:
+        q = d["excess_quantiles"]
+        _say(f"  layer {d['layer']}: {d['universal']:4d}/{d['neurons']} universal, mean max-corr {d['mean_max_corr']:.3f}, "
+             f"baseline {d['mean_baseline']:.3f}, excess median {q.get('0.5', float('nan')):.3f}, "
+             f"p90 {q.get('0.9', float('nan')):.3f}, p99 {q.get('0.99', float('nan')):.3f}")
+
+
+# ---------------------------------------------------------------------------- train-seeds
+
+
+def _add_train(p):
+    p.add_argument("-o", "--out", required=True, help="family directory (seed-a/, seed-b/, ...)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (one model each)")
+    p.add_argument("--text", default=None, help="training text (default: the built-in demo corpus)")
+    p.add_argument("--n-tokens", type=int, default=None, help="training tokens per seed")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--d-mlp", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--checkpoints", type=int, default=None, help="number of log-spaced checkpoints")
+    p.add_argument("--device", default=None)
+
+
+@command("train-seeds", "train a family of small GPT-2 models from different seeds, with checkpoints (resumable)")(_add_train)
+def _train(a):
+    import dataclasses
+
+    from universal.demo import DEMO_TRAIN_CONFIG, demo_streams, text_stream
+    from universal.training import train_family
+
+    cfg = DEMO_TRAIN_CONFIG
+    model_over = {k: v for k, v in {"n_layers": a.layers, "d_model": a.d_model, "d_mlp": a.d_mlp,
+                                    "n_heads": a.heads, "n_ctx": a.ctx}.items() if v is not None}
+    train_over = {k: v for k, v in {"n_tokens": a.n_tokens, "lr": a.lr, "n_checkpoints": a.checkpoints}.items()
+                  if v is not None}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_over), **train_over)
+    if a.text:
+        tokenizer, train, val = text_stream(a.text, cfg)
+    else:
+        tokenizer, train, val = demo_streams()
+    results = train_family(train, val, tokenizer, config=cfg, seeds=_ints(a.seeds), family_dir=a.out, device=a.device)
+    for r in results:
+        _say(f"{r.seed_dir.name} (seed {r.seed}): val loss {r.final['val_loss']:.3f} after {r.final['tokens_seen']:,} "
+             f"tokens; checkpoints {[rec['step'] for rec in r.records]}")
+    _say(f"family -> {a.out}")
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _add_demo(p):
+    p.add_argument("-o", "--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--family-dir", default=None, help="where the trained family is kept (default: user cache)")
+    p.add_argument("--retrain", action="store_true", help="train the family again even if cached")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--device", default=None)
+
+
+@command("demo", "train (or reuse) the built-in seed family and run every stage on it")(_add_demo)
+def _demo(a):
+    from universal.demo import run_demo
+
+    res = run_demo(out_dir=a.out, family_dir=a.family_dir, retrain=a.retrain, overwrite=a.overwrite, device=a.device)
+    _say("validation loss per seed: " + ", ".join(f"{k} {v:.3f}" for k, v in res["val_loss"].items())
+         + f" (unigram entropy of the corpus {res['unigram_entropy']:.3f} nats)")
+    _print_summary(res["summary"])
+    for k, v in res["outputs"].items():
+        _say(f"{k}: {v}")

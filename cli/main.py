@@ -1,0 +1,80 @@
+"""`universal-neurons`: the command-line interface, a thin layer over the Python API.
+
+Every subcommand parses arguments, calls one public function, and prints where the results
+are. Errors a user can fix (`UniversalNeuronsError`) are printed as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from activations._errors import UniversalNeuronsError
+
+__all__ = ["main", "build_parser"]
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register `run(args)` as a subcommand whose arguments `add(parser)` declares."""
+
+    def wrap(add):
+        def register(run):
+            _COMMANDS[name] = (help, add, run)
+            return run
+
+        return register
+
+    return wrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands  # noqa: F401  (registers the subcommands)
+
+    p = argparse.ArgumentParser(
+        prog="universal-neurons",
+        description="Find universal neurons: cache activations of several seeds, correlate, flag, ablate, report.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add, run) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add(sp)
+        sp.set_defaults(_run=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "transformer_lens", "huggingface_hub", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.no_progress:
+        from activations._runtime import set_progress
+
+        set_progress(False)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UniversalNeuronsError as e:
+        print(f"universal-neurons {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished results are kept and an interrupted cache resumes on the next run",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The whole pipeline and the CLI on a tiny family: outputs exist, agree, and are never
+silently overwritten."""
+
+import json
+
+import numpy as np
+import pytest
+
+from activations import TokenSetConfig, UniversalNeuronsError
+from cli.main import main as cli
+from tests.conftest import SAMPLE_TEXT
+from universal import CorrelationConfig, load_universality_table
+from universal.pipeline import PipelineConfig, run_pipeline
+
+TEXT = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
+CFG = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8)
+
+
+def test_pipeline_outputs_and_reuse(tiny_family, tmp_path):
+    res = run_pipeline(tiny_family, TEXT, tmp_path / "run", config=CFG)
+    out = res.out_dir
+    for f in ("tokens.h5", "stores/a.h5", "stores/b.h5", "correlation.h5", "universality.csv", "universality.h5",
+              "summary.json"):
+        assert (out / f).exists(), f
+    table = load_universality_table(out / "universality.csv")
+    assert len(table) == 2 * 64 and {"excess_corr", "is_universal", "partner_layer_b"} <= set(table.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["token_set"]["hash"] == res.token_set.hash
+    assert summary["universality"]["n_tokens"] == int(res.token_set.mask.sum())
+    # the same run again reuses everything and gives the same table
+    again = run_pipeline(tiny_family, TEXT, out, config=CFG)
+    np.testing.assert_array_equal(again.table["excess_corr"].to_numpy(), res.table["excess_corr"].to_numpy())
+    # other settings into the same directory are refused, not silently overwritten
+    other = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8, correlation=CorrelationConfig(seed=7))
+    with pytest.raises(UniversalNeuronsError, match="overwrite"):
+        run_pipeline(tiny_family, TEXT, out, config=other)
+
+
+def test_live_and_cached_pipelines_give_identical_tables(tiny_family, tmp_path):
+    fp32 = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8,
+                          store=__import__("activations").StoreConfig(dtype="float32"))
+    cached = run_pipeline(tiny_family, TEXT, tmp_path / "cached", config=fp32)
+    live = run_pipeline(tiny_family, TEXT, tmp_path / "live",
+                        config=PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8, cache=False))
+    assert not (tmp_path / "live" / "stores").exists()
+    # batches differ (store chunks vs forward rows), so float sums differ in the last bits only
+    for c in ["max_corr", "mean_baseline", "excess_corr"]:
+        np.testing.assert_allclose(cached.table[c].to_numpy(), live.table[c].to_numpy(), rtol=0, atol=1e-6, err_msg=c)
+    for c in ["is_universal", "partner_layer_b", "partner_neuron_b", "dead"]:
+        np.testing.assert_array_equal(cached.table[c].to_numpy(), live.table[c].to_numpy(), err_msg=c)
+
+
+def test_cli_tokenize_cache_correlate_flag(tiny_family, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    ts = tmp_path / "tokens.h5"
+    assert cli(["tokenize", str(text), "--model", str(tiny_family[0]), "-o", str(ts), "--ctx-len", "32"]) == 0
+    stores = []
+    for k, d in enumerate(tiny_family):
+        s = tmp_path / f"{k}.h5"
+        assert cli(["cache", str(d), "--tokens", str(ts), "-o", str(s)]) == 0
+        stores.append(str(s))
+    corr = tmp_path / "corr.h5"
+    assert cli(["correlate", *stores, "-o", str(corr)]) == 0
+    assert cli(["flag", str(corr), "-o", str(tmp_path / "table.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "preflight:" in out and "neurons universal" in out
+    # an existing result is refused with a one-line error and exit code 2
+    assert cli(["flag", str(corr), "-o", str(tmp_path / "table.csv")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_pipeline_rejects_bad_families(tiny_family, tmp_path):
+    with pytest.raises(UniversalNeuronsError, match="at least two models"):
+        run_pipeline(tiny_family[:1], TEXT, tmp_path, config=CFG)
+    with pytest.raises(UniversalNeuronsError, match="labels"):
+        run_pipeline(tiny_family, TEXT, tmp_path, config=CFG, labels=["x", "x"])
