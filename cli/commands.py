@@ -241,7 +241,8 @@ def _add_train(p):
 def _train(a):
     import dataclasses
 
-    from universal.demo import DEMO_TRAIN_CONFIG, demo_streams, text_stream
+    from universal.demo import DEMO_TRAIN_CONFIG, demo_token_sets, text_stream
+    from universal.demo_data import demo_tokenizer
     from universal.training import train_family
 
     cfg = DEMO_TRAIN_CONFIG
@@ -253,7 +254,9 @@ def _train(a):
     if a.text:
         tokenizer, train, val = text_stream(a.text, cfg)
     else:
-        tokenizer, train, val = demo_streams()
+        tokenizer = demo_tokenizer()
+        sets = demo_token_sets(tokenizer, n_ctx=cfg.model.n_ctx)
+        train, val = sets["train"].ids, sets["val"].ids
     results = train_family(train, val, tokenizer, config=cfg, seeds=_ints(a.seeds), family_dir=a.out, device=a.device)
     for r in results:
         _say(f"{r.seed_dir.name} (seed {r.seed}): val loss {r.final['val_loss']:.3f} after {r.final['tokens_seen']:,} "

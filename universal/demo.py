@@ -33,6 +33,7 @@ __all__ = [
     "DEMO_TRAIN_CONFIG",
     "DEMO_SEEDS",
     "DEMO_EVAL_TOKENS",
+    "TINY_DEMO_CONFIG",
     "demo_family_dir",
     "demo_token_sets",
     "text_stream",
@@ -48,8 +49,13 @@ DEMO_TRAIN_CONFIG = TrainConfig(
     n_tokens=2_000_000,
 )
 DEMO_SEEDS = (0, 1, 2, 3, 4)  # five seeds, as in the follow-up paper
+# A family small enough to train in seconds: for tests and for notebooks run in CI.
+TINY_DEMO_CONFIG = TrainConfig(
+    model=GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=64, d_vocab=4096),
+    n_tokens=150_000, batch_rows=16, warmup_steps=10, n_checkpoints=4, eval_tokens=8192,
+)
 DEMO_EVAL_TOKENS = 131_072  # 512 held-out rows of 256 studied by the pipeline
-_VAL_ROWS = 256  # first held-out rows: validation loss during training (65,536 tokens)
+_VAL_TOKENS = 65_536  # first held-out tokens: validation loss during training
 
 
 def _cache_root() -> Path:
@@ -69,9 +75,10 @@ def _slice_rows(ts: TokenSet, start: int, stop: int) -> TokenSet:
                     source={**ts.source, "rows": [int(start), int(stop)]})
 
 
-def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, cache_dir: Path | None = None) -> dict[str, TokenSet]:
-    """Token sets of the demo corpus: `train` (every training row), `val` (first held-out rows)
-    and `eval` (the following held-out rows, `DEMO_EVAL_TOKENS` of them). Cached as HDF5."""
+def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO_EVAL_TOKENS,
+                    cache_dir: Path | None = None) -> dict[str, TokenSet]:
+    """Token sets of the demo corpus: `train` (every training row), `val` (the first 65,536
+    held-out tokens) and `eval` (the following held-out rows, `eval_tokens` of them). Cached as HDF5."""
     tokenizer = tokenizer or demo_tokenizer()
     cache_dir = Path(cache_dir or _cache_root() / "demo-tokens")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -87,11 +94,12 @@ def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, cache_dir: Path | None 
         ts.save(path, overwrite=True)
         out[split] = ts
     held = out.pop("heldout")
-    n_eval = DEMO_EVAL_TOKENS // n_ctx
-    if held.n_rows < _VAL_ROWS + n_eval:
-        raise UniversalNeuronsError(f"the held-out split has {held.n_rows} rows; the demo needs {_VAL_ROWS + n_eval}")
-    out["val"] = _slice_rows(held, 0, _VAL_ROWS)
-    out["eval"] = _slice_rows(held, _VAL_ROWS, _VAL_ROWS + n_eval)
+    n_val, n_eval = _VAL_TOKENS // n_ctx, eval_tokens // n_ctx
+    if held.n_rows < n_val + n_eval:
+        raise UniversalNeuronsError(f"the held-out split has {held.n_rows} rows of {n_ctx}; the demo needs "
+                                    f"{n_val} for validation plus {n_eval} to study: lower eval_tokens")
+    out["val"] = _slice_rows(held, 0, n_val)
+    out["eval"] = _slice_rows(held, n_val, n_val + n_eval)
     return out
 
 
@@ -120,6 +128,7 @@ def run_demo(
     device: str | None = None,
     config: TrainConfig = DEMO_TRAIN_CONFIG,
     seeds=DEMO_SEEDS,
+    eval_tokens: int = DEMO_EVAL_TOKENS,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or reuse) the demo family and run every stage of the pipeline on held-out text.
@@ -132,7 +141,7 @@ def run_demo(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     tokenizer = demo_tokenizer()
-    sets = demo_token_sets(tokenizer, n_ctx=config.model.n_ctx)
+    sets = demo_token_sets(tokenizer, n_ctx=config.model.n_ctx, eval_tokens=eval_tokens)
     fam = Path(family_dir) if family_dir else demo_family_dir(config, seeds)
     if retrain and fam.exists():
         import shutil
