@@ -513,7 +513,8 @@ class AlignedSource:
     is a new pass reading every chunk once, in file order).
 
     Yields `(mask: Bool[Tensor, "token"], acts: list[Float[Tensor, "token n_layers*d_mlp"]])`, one
-    tensor per store in store order, neuron index = layer * d_mlp + neuron.
+    tensor per store in store order, neuron index = layer * d_mlp + neuron. Stores given as paths
+    are opened only during a pass; open `ActivationStore`s given by the caller stay the caller's.
     """
 
     def __init__(self, stores, batch_tokens: int, kind: str = "post", device=None,
@@ -538,6 +539,7 @@ class AlignedSource:
         self.token_set_hash = self.stores[0].token_set_hash
         self.hooks = [[hook_name(l, kind) for l in s.layers] for s in self.stores]
         self._mask = torch.from_numpy(self.stores[0].mask)
+        self.close()  # the checked facts are kept; each pass reopens the files it was given as paths
 
     def _check(self, kind: str) -> None:
         hashes = {str(s.path): s.token_set_hash for s in self.stores}
@@ -562,10 +564,20 @@ class AlignedSource:
         return -(-self.n_tokens // self.batch_tokens)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        # stores given as paths are opened for the pass and closed after it (no lingering handles)
+        stores = [ActivationStore.open(s.path) if own else s for s, own in zip(self.stores, self._owned)]
+        try:
+            yield from self._batches(stores)
+        finally:
+            for s, own in zip(stores, self._owned):
+                if own:
+                    s.close()
+
+    def _batches(self, stores: list[ActivationStore]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
         for a in range(0, self.n_tokens, self.batch_tokens):
             b = min(a + self.batch_tokens, self.n_tokens)
             acts = []
-            for s, hooks in zip(self.stores, self.hooks):
+            for s, hooks in zip(stores, self.hooks):
                 d = s.d_mlp
                 buf = np.empty((b - a, len(hooks) * d), dtype=s[hooks[0]].dtype)
                 for j, h in enumerate(hooks):
@@ -574,16 +586,10 @@ class AlignedSource:
             yield self._mask[a:b].to(self.device), acts
 
     def close(self) -> None:
-        """Close the stores this source opened itself."""
+        """Close the stores this source opened itself (a later pass reopens them)."""
         for s, own in zip(self.stores, self._owned):
             if own:
                 s.close()
-
-    def __enter__(self) -> "AlignedSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def iter_aligned(stores: Sequence, batch_tokens: int, kind: str = "post", device=None,

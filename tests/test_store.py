@@ -119,6 +119,10 @@ def test_iter_aligned_and_live_source_agree_with_the_store(fp32_store, lms, ts, 
             acts = torch.cat([a[k] for _, a in batches])
             assert acts.shape == (ts.n_tokens, 128)
             np.testing.assert_array_equal(acts.numpy(), cat[k])
+    with ActivationStore.open(b) as open_b:  # open stores work too, and stay open
+        first = next(iter(iter_aligned([fp32_store, open_b], batch_tokens=1)))
+        assert first[1][1].shape == (open_b.chunk_tokens, 128) and open_b.hooks
+        np.testing.assert_array_equal(first[1][1].numpy(), cat[1][: open_b.chunk_tokens])
     pre = torch.cat([a[0] for _, a in iter_aligned([fp32_store], 64, kind="pre")])
     np.testing.assert_array_equal(pre[:, 64:].numpy(), ref_a["blocks.1.mlp.hook_pre"])
     live = LiveSource(lms, ts, batch_rows=8)
