@@ -394,7 +394,6 @@ def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progr
             bar.close()
 
 
-
 # ---------------------------------------------------------------------------- reading
 
 

@@ -103,6 +103,10 @@ def test_fp16_store_is_fp32_rounded(lms, ts, fp32_store, tmp_path):
         for h in st.hooks:
             assert st[h].dtype == np.float16
             np.testing.assert_array_equal(st[h][:], ref[h].astype(np.float16))
+    z = cache_activations(lms[0], ts, tmp_path / "z.h5", config=StoreConfig(compression="lzf"), batch_rows=16)
+    with ActivationStore.open(z) as st:
+        assert st["blocks.1.mlp.hook_post"].compression == "lzf"
+        np.testing.assert_array_equal(st["blocks.1.mlp.hook_post"][:], ref["blocks.1.mlp.hook_post"].astype(np.float16))
 
 
 def test_iter_aligned_and_live_source_agree_with_the_store(fp32_store, lms, ts, tmp_path):
