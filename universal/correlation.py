@@ -12,11 +12,18 @@ Engine, per token batch (masked-in tokens only):
      so a neuron whose mean is 10^4 times its spread loses nothing.
 When the accumulators of all pairs exceed `memory_budget`, the reference
 neurons are split into blocks, one pass over the source per block.
+
+The same steps are public for distributed runs (universal/distributed.py): one
+`accumulate` per (token shard, reference block) gives a picklable
+`CorrelationPartial`; `merge_partials` joins two of them with the very Chan merge
+that `update` applies to each batch; `finalize` turns one merged partial per block
+into the `CorrelationResult`. `correlate` is `finalize` over `accumulate`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -39,6 +46,11 @@ __all__ = [
     "correlate",
     "correlate_all_pairs",
     "preflight",
+    "CorrelationPartial",
+    "reference_blocks",
+    "accumulate",
+    "merge_partials",
+    "finalize",
 ]
 
 log = logging.getLogger("universal_neurons")
@@ -217,6 +229,10 @@ class _Moments:
         self.mean = torch.zeros(n, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(n, dtype=torch.float64, device=device)
 
+    def to(self, device) -> "_Moments":
+        self.mean, self.m2 = self.mean.to(device), self.m2.to(device)
+        return self
+
 
 def _centre(t: torch.Tensor, out: torch.Tensor | None = None, *, want_m2: bool = True):
     """Centre `t` [token, unit] (any float dtype) by its batch mean, into float32.
@@ -247,8 +263,39 @@ def _merge_m2(mom: "_Moments", n_old: int, n_b: int, m2_b, delta) -> None:
     mom.m2 += m2_b + delta * delta * (n_old * n_b / (n_old + n_b))
 
 
-class _Pass:
-    """Accumulators of one pass over the source for reference rows [i0, i1)."""
+def _merge_cross(C, C_b, coef, dx, dy, shift=None) -> None:
+    """Chan et al.'s merge of cross co-moments: C += C_b + coef dx dy^T (in place).
+
+    `C_b` is the other part's co-moment about its own mean (a partial's `C`), or, from
+    `update`, a batch GEMM about a float32 estimate of the batch mean, with
+    `shift=(rx, ry, n_b)` correcting it to the exact batch mean (-n_b rx ry^T) in the
+    same rank-2 update.
+    """
+    C.add_(C_b)
+    if shift is None:
+        C.addr_(dx * coef, dy)
+    else:
+        rx, ry, n_b = shift
+        C.addmm_(torch.stack([dx * coef, rx * -float(n_b)], 1), torch.stack([dy, ry], 0))
+
+
+def _merge_sigma(S, S_b, coef, dl, shift=None) -> None:
+    """`_merge_cross` for the within-layer co-moments Σ_y `[layer, d, d]`; `dl` is `[layer, d, 1]`."""
+    S.add_(S_b)
+    if shift is None:
+        S.baddbmm_(dl * coef, dl.transpose(1, 2))
+    else:
+        rl, n_b = shift
+        S.baddbmm_(torch.cat([dl * coef, rl * -float(n_b)], 2), torch.cat([dl, rl], 2).transpose(1, 2))
+
+
+class CorrelationPartial:
+    """Float64 co-moments of the tokens seen so far, for reference rows [i0, i1): the state
+    of one pass (`n_pass` = the reference block's index), or of one token shard of it.
+
+    Picklable (move it to CPU with `.to("cpu")` before sending it anywhere); two partials
+    of the same block over disjoint tokens join exactly with `merge_partials`.
+    """
 
     def __init__(self, layouts, config, device, i0, i1, *, n_pass: int, want_sigma: bool):
         self.layouts, self.config, self.device, self.n_pass = layouts, config, device, n_pass
@@ -271,10 +318,22 @@ class _Pass:
         """GEMM operand in the configured precision (bf16 after centring keeps the error ~1e-3)."""
         return t.bfloat16() if self.config.precision == "bf16" else t
 
-    def _merge_cross(self, C, G, coef, dx, rx, dy, ry, n_b):
-        # C += [G - n_b rx ry^T] + coef dx dy^T  (batch co-moment about the exact batch mean, then Chan)
-        C.add_(G)
-        C.addmm_(torch.stack([dx * coef, rx * -float(n_b)], 1), torch.stack([dy, ry], 0))
+    def to(self, device) -> "CorrelationPartial":
+        """Move every accumulator to `device` (in place; returns self)."""
+        device = torch.device(device)
+        for mo in self.moments + (self.z_moments or []):
+            mo.to(device)
+        self.C = self.C.to(device)
+        self.Cb = None if self.Cb is None else self.Cb.to(device)
+        self.sigma = None if self.sigma is None else [s.to(device) for s in self.sigma]
+        self.device = device
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.C, self.Cb] + (self.sigma or []) + [t for mo in self.moments + (self.z_moments or [])
+                                                       for t in (mo.mean, mo.m2)]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     # -- one batch ----------------------------------------------------------
     def update(self, batch_index: int, mask: torch.Tensor, acts: list[torch.Tensor]) -> int:
@@ -311,7 +370,7 @@ class _Pass:
             ry.append(r)
             m2y.append(m2)
         Yg = self._low(Y)
-        self._merge_cross(self.C, xb.T @ Yg, coef, dx, rx, torch.cat(dy), torch.cat(ry), n_b)
+        _merge_cross(self.C, xb.T @ Yg, coef, dx, torch.cat(dy), shift=(rx, torch.cat(ry), n_b))
 
         for k, lay in enumerate(self.layouts[1:]):
             if self.sigma is not None:  # within-layer Σ_y of m, for the rotation identity
@@ -319,8 +378,7 @@ class _Pass:
                 g = torch.stack([Yg[:, o + l * d:o + (l + 1) * d].T @ Yg[:, o + l * d:o + (l + 1) * d]
                                  for l in range(lay.n_layers)])               # [layer, d, d]
                 dl, rl = dy[k].reshape(lay.n_layers, d, 1), ry[k].reshape(lay.n_layers, d, 1)
-                self.sigma[k].add_(g).baddbmm_(torch.cat([dl * coef, rl * -float(n_b)], 2),
-                                               torch.cat([dl, rl], 2).transpose(1, 2))
+                _merge_sigma(self.sigma[k], g, coef, dl, shift=(rl, n_b))
                 if m2_from_sigma:  # sum(c^2) is the diagonal of the Σ GEMM: no extra pass
                     m2y[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1).double() - n_b * ry[k] ** 2).clamp_min_(0.0)
             if first:
@@ -335,7 +393,7 @@ class _Pass:
                                              batch_index=batch_index, device=dev)
                 Yp[:, sl] = Yg[:, sl][perm]
             # permuted columns keep their batch means, so the same Chan terms apply
-            self._merge_cross(self.Cb, xb.T @ Yp, coef, dx, rx, dy, ry, n_b)
+            _merge_cross(self.Cb, xb.T @ Yp, coef, dx, dy, shift=(rx, ry, n_b))
         elif cfg.baseline == "gaussian":
             Z = torch.empty_like(Y)
             dz, rz = [], []
@@ -348,7 +406,7 @@ class _Pass:
                 if first:
                     _merge_m2(self.z_moments[k], n_old, n_b, m2, dz[-1])
                 rz.append(r)
-            self._merge_cross(self.Cb, xb.T @ self._low(Z), coef, dx, rx, torch.cat(dz), torch.cat(rz), n_b)
+            _merge_cross(self.Cb, xb.T @ self._low(Z), coef, dx, torch.cat(dz), shift=(rx, torch.cat(rz), n_b))
         self.n += n_b
         return n_b
 
@@ -533,6 +591,230 @@ def _check_batch(item, layouts, b: int):
 
 # ----------------------------------------------------------------------------- API
 
+def reference_blocks(layouts: Sequence[ModelLayout], config: CorrelationConfig | None = None) -> list[tuple[int, int]]:
+    """The reference rows `[(i0, i1), ...]` of each pass: one block when the accumulators fit
+    `config.memory_budget` (or `config.block_size`), else several, each a pass over the tokens."""
+    config = config or CorrelationConfig()
+    layouts = _check_layouts(layouts)
+    n_a, block = layouts[0].n_neurons, _block_size(layouts, config)
+    return [(i, min(i + block, n_a)) for i in range(0, n_a, block)]
+
+
+def accumulate(source: Iterable, layouts: Sequence[ModelLayout], config: CorrelationConfig | None = None, *,
+               block_index: int = 0, first_batch: int = 0, device=None,
+               desc: str | None = None) -> CorrelationPartial:
+    """One pass over `source` for reference block `block_index`: the float64 co-moments.
+
+    **Arguments:**
+    - `source`, `layouts`, `config`: as for `correlate`.
+    - `block_index`: which of `reference_blocks(layouts, config)`; block 0 also gathers
+      the per-model second moments (and Σ_y for the rotation baseline).
+    - `first_batch`: global index of the source's first batch. The gaussian and permutation
+      baselines seed each batch's noise by its global index, so a token shard that starts at
+      batch 17 of the whole run passes 17 and draws the same noise as a single-process run.
+    - `device`: where to accumulate (default `config.device`).
+
+    **Returns:** `CorrelationPartial` over every masked-in token of `source` (may be empty, n=0).
+    """
+    config = config or CorrelationConfig()
+    layouts = _check_layouts(layouts)
+    blocks = reference_blocks(layouts, config)
+    if not 0 <= block_index < len(blocks):
+        raise UniversalNeuronsError(f"block_index={block_index} is out of range; this run has {len(blocks)} "
+                                    "reference block(s) (see reference_blocks)")
+    device = pick_device(config.device if device is None else device)
+    if config.precision == "tf32" and device.type != "cuda":
+        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
+    i0, i1 = blocks[block_index]
+    acc = CorrelationPartial(layouts, config, device, i0, i1, n_pass=block_index,
+                             want_sigma=config.baseline == "rotation" and block_index == 0)
+    if desc is None:
+        desc = f"correlate {layouts[0].label}" + (f" block {block_index + 1}/{len(blocks)}" if len(blocks) > 1 else "")
+    with torch.no_grad(), _matmul_precision(device, config.precision), \
+            progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
+        for b, item in enumerate(source):
+            mask, acts = _check_batch(item, layouts, first_batch + b)
+            bar.update(acc.update(first_batch + b, mask, acts))
+    return acc
+
+
+def merge_partials(a: CorrelationPartial, b: CorrelationPartial) -> CorrelationPartial:
+    """Join the co-moments of two disjoint token sets, `a` then `b`, into `a` (in place; returns `a`).
+
+    The same Chan et al. update (`_merge_mean`, `_merge_m2`, `_merge_cross`, `_merge_sigma`)
+    that `CorrelationPartial.update` applies to each batch, so shards merged in token order
+    equal one pass over all tokens up to floating-point association. `b` is left unchanged;
+    on different devices it is brought to `a`'s.
+    """
+    same = (a.layouts == b.layouts and a.config == b.config and (a.i0, a.i1, a.n_pass) == (b.i0, b.i1, b.n_pass)
+            and (a.sigma is None) == (b.sigma is None))
+    if not same:
+        raise UniversalNeuronsError(
+            f"cannot merge partials of different runs or blocks (rows {a.i0}..{a.i1} pass {a.n_pass} vs "
+            f"{b.i0}..{b.i1} pass {b.n_pass}); merge only the shards of one block of one correlate run")
+    if b.n == 0:
+        return a
+    if b.device != a.device:
+        b = copy.deepcopy(b).to(a.device)
+    n_old, n_b = a.n, b.n
+    coef = n_old * n_b / (n_old + n_b)
+    first = a.n_pass == 0
+
+    def means(mine, theirs):
+        deltas = []
+        for mo, other in zip(mine, theirs):
+            deltas.append(_merge_mean(mo, n_old, n_b, other.mean))
+            if first:
+                _merge_m2(mo, n_old, n_b, other.m2, deltas[-1])
+        return deltas
+
+    with torch.no_grad():
+        d = means(a.moments, b.moments)
+        dx, dy = d[0][a.i0:a.i1], torch.cat(d[1:])
+        _merge_cross(a.C, b.C, coef, dx, dy)
+        if a.config.baseline == "permutation":  # permuted columns keep their means: the same terms as C
+            _merge_cross(a.Cb, b.Cb, coef, dx, dy)
+        elif a.config.baseline == "gaussian":
+            _merge_cross(a.Cb, b.Cb, coef, dx, torch.cat(means(a.z_moments, b.z_moments)))
+        if a.sigma is not None:
+            for k, lay in enumerate(a.layouts[1:]):
+                _merge_sigma(a.sigma[k], b.sigma[k], coef, d[k + 1].reshape(lay.n_layers, lay.d_mlp, 1))
+    a.n += n_b
+    return a
+
+
+class _Assembler:
+    """Turns one finished partial per reference block into the result arrays (and the optional
+    full-matrix file); the first block's partial supplies the per-model facts."""
+
+    def __init__(self, layouts, config, device, full_matrix_path, overwrite, provenance):
+        self.layouts, self.config, self.device, self.provenance = layouts, config, device, provenance
+        self.blocks = reference_blocks(layouts, config)
+        ref, others = layouts[0], layouts[1:]
+        n_a, M, kind = ref.n_neurons, len(others), config.baseline
+        f64 = lambda *s: np.full(s, np.nan)  # noqa: E731
+        i64 = lambda *s: np.full(s, -1, dtype=np.int64)  # noqa: E731
+        out = dict(max_corr=f64(M, n_a), partner=i64(M, n_a), min_corr=f64(M, n_a))
+        if kind != "none":
+            out.update(baseline=f64(M, n_a), baseline_partner=i64(M, n_a))
+        if config.top_k:
+            out.update(top_k_corr=f64(M, n_a, config.top_k), top_k_partner=i64(M, n_a, config.top_k))
+        if config.hist_bins:
+            out["histogram"] = np.zeros((M, n_a, config.hist_bins), dtype=np.int64)
+        self.out = out
+        self.full = None
+        if full_matrix_path is not None:
+            import h5py
+            _check_overwrite(full_matrix_path, overwrite)
+            self.full = h5py.File(full_matrix_path, "w")
+            for m in others:
+                self.full.create_dataset(f"corr/{m.label}", shape=(n_a, m.n_neurons), dtype=config.full_matrix_dtype,
+                                         chunks=(min(n_a, 64), min(m.n_neurons, 4096)), fillvalue=np.nan)
+        self.rotations = ([_bl.rotation_matrices(m.label, m.n_layers, m.d_mlp, seed=config.seed).to(device)
+                           for m in others] if kind == "rotation" else None)
+        self.offsets = np.cumsum([0] + [m.n_neurons for m in others]).tolist()
+        self.first = None
+        self.n_added = 0
+
+    def add(self, acc: CorrelationPartial) -> None:
+        config, others, kind, out, first = self.config, self.layouts[1:], self.config.baseline, self.out, self.first
+        p = self.n_added
+        if acc.n_pass != p or (acc.i0, acc.i1) != self.blocks[p]:
+            raise UniversalNeuronsError(f"finalize got the partial of block {acc.n_pass} (rows {acc.i0}..{acc.i1}) "
+                                        f"where block {p} {self.blocks[p]} was due; pass one merged partial per block, "
+                                        "in block order")
+        acc.to(self.device)
+        i0, i1 = acc.i0, acc.i1
+        if p == 0:
+            if acc.n < 2:
+                raise UniversalNeuronsError(
+                    f"the source gave {acc.n} masked-in token(s); correlation needs at least 2. "
+                    "Check the mask policy (did it exclude every position?) and that the source is not empty")
+            first = self.first = _first_pass_facts(acc, self.layouts, config, self.rotations)
+        elif acc.n != first["n"]:
+            raise UniversalNeuronsError(
+                f"pass {p + 1} over the source saw {acc.n} tokens but pass 1 saw {first['n']}; blocked runs read the "
+                "source once per block, so it must be re-iterable (a list, or an object whose __iter__ starts over), "
+                "not a generator")
+        m2x, dead_x = first["m2"][0][i0:i1], first["dead_t"][0][i0:i1]
+        offsets = self.offsets
+        for k, m in enumerate(others):
+            sl = slice(offsets[k], offsets[k + 1])
+            rho = _corr(acc.C[:, sl], m2x, first["m2"][k + 1], dead_x, first["dead_t"][k + 1])
+            s = _summarise(rho, config, extras=True)
+            if self.full is not None:
+                self.full[f"corr/{m.label}"][i0:i1] = rho.cpu().numpy().astype(config.full_matrix_dtype)
+            del rho
+            out["max_corr"][k, i0:i1], out["partner"][k, i0:i1], out["min_corr"][k, i0:i1] = s["max"], s["arg"], s["min"]
+            if config.top_k:
+                out["top_k_corr"][k, i0:i1], out["top_k_partner"][k, i0:i1] = s["top_v"], s["top_i"]
+            if config.hist_bins:
+                out["histogram"][k, i0:i1] = s["hist"]
+            if kind == "none":
+                continue
+            if kind == "rotation":
+                cb, m2b = _bl.rotate_comoments(acc.C[:, sl], self.rotations[k]), first["m2_rot"][k]
+            elif kind == "gaussian":
+                cb, m2b = acc.Cb[:, sl], first["m2_z"][k]
+            else:
+                cb, m2b = acc.Cb[:, sl], first["m2"][k + 1]
+            sb = _summarise(_corr(cb, m2x, m2b, dead_x, m2b <= 0), config, extras=False)
+            out["baseline"][k, i0:i1], out["baseline_partner"][k, i0:i1] = sb["max"], sb["arg"]
+        self.n_added += 1
+
+    def close(self) -> None:
+        if self.full is not None:
+            self.full.attrs["provenance"] = to_json({**provenance_base("correlation_matrix"), **(self.provenance or {}),
+                                                     "config": self.config.to_dict()})
+            self.full.close()
+            self.full = None
+
+    def result(self, extra_provenance: dict[str, Any]) -> CorrelationResult:
+        if self.n_added != len(self.blocks):
+            raise UniversalNeuronsError(f"finalize got {self.n_added} block partial(s) but this run has "
+                                        f"{len(self.blocks)} reference block(s); pass one per block")
+        layouts, first = self.layouts, self.first
+        prov = {**provenance_base("correlation"), **(self.provenance or {}), "config": self.config.to_dict(),
+                "block_size": self.blocks[0][1] - self.blocks[0][0], "passes": len(self.blocks),
+                "device": str(self.device), **extra_provenance}
+        return CorrelationResult(reference=layouts[0], others=layouts[1:], n_tokens=first["n"], config=self.config,
+                                 provenance=prov,
+                                 mean={m.label: v for m, v in zip(layouts, first["mean"])},
+                                 var={m.label: v for m, v in zip(layouts, first["var"])},
+                                 dead={m.label: v for m, v in zip(layouts, first["dead"])}, **self.out)
+
+
+def finalize(partials: Iterable[CorrelationPartial], layouts: Sequence[ModelLayout],
+             config: CorrelationConfig | None = None, *, provenance: dict[str, Any] | None = None,
+             full_matrix_path: str | os.PathLike | None = None, overwrite: bool = False,
+             extra_provenance: dict[str, Any] | None = None) -> CorrelationResult:
+    """Correlations, partners and baselines from one merged partial per reference block.
+
+    **Arguments:**
+    - `partials`: one `CorrelationPartial` per block of `reference_blocks(layouts, config)`,
+      in block order, each over every token; an iterator is consumed one block at a time
+      (only one block's accumulators are alive at once).
+    - `layouts`, `config`, `provenance`, `full_matrix_path`, `overwrite`: as for `correlate`.
+    - `extra_provenance`: more keys for the result's provenance (e.g. the cluster used).
+
+    **Returns:** `CorrelationResult`.
+    """
+    config = config or CorrelationConfig()
+    layouts = _check_layouts(layouts)
+    device = pick_device(config.device)
+    if config.precision == "tf32" and device.type != "cuda":
+        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
+    log.info(preflight(layouts, 0, config)["summary"].replace(" over 0 tokens", ""))
+    asm = _Assembler(layouts, config, device, full_matrix_path, overwrite, provenance)
+    try:
+        for acc in partials:
+            asm.add(acc)
+            del acc
+    finally:
+        asm.close()
+    return asm.result(extra_provenance or {})
+
+
 def correlate(source: Iterable, layouts: Sequence[ModelLayout], config: CorrelationConfig | None = None, *,
               provenance: dict[str, Any] | None = None, full_matrix_path: str | os.PathLike | None = None,
               overwrite: bool = False) -> CorrelationResult:
@@ -553,97 +835,13 @@ def correlate(source: Iterable, layouts: Sequence[ModelLayout], config: Correlat
     config = config or CorrelationConfig()
     layouts = _check_layouts(layouts)
     device = pick_device(config.device)
-    if config.precision == "tf32" and device.type != "cuda":
-        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
-    ref, others = layouts[0], layouts[1:]
-    n_a, M = ref.n_neurons, len(others)
-    block = _block_size(layouts, config)
-    blocks = [(i, min(i + block, n_a)) for i in range(0, n_a, block)]
-    kind = config.baseline
-    log.info(preflight(layouts, 0, config)["summary"].replace(" over 0 tokens", ""))
-
-    f64 = lambda *s: np.full(s, np.nan)  # noqa: E731
-    i64 = lambda *s: np.full(s, -1, dtype=np.int64)  # noqa: E731
-    out = dict(max_corr=f64(M, n_a), partner=i64(M, n_a), min_corr=f64(M, n_a))
-    if kind != "none":
-        out.update(baseline=f64(M, n_a), baseline_partner=i64(M, n_a))
-    if config.top_k:
-        out.update(top_k_corr=f64(M, n_a, config.top_k), top_k_partner=i64(M, n_a, config.top_k))
-    if config.hist_bins:
-        out["histogram"] = np.zeros((M, n_a, config.hist_bins), dtype=np.int64)
-
-    full = None
-    if full_matrix_path is not None:
-        import h5py
-        _check_overwrite(full_matrix_path, overwrite)
-        full = h5py.File(full_matrix_path, "w")
-        for m in others:
-            full.create_dataset(f"corr/{m.label}", shape=(n_a, m.n_neurons), dtype=config.full_matrix_dtype,
-                                chunks=(min(n_a, 64), min(m.n_neurons, 4096)), fillvalue=np.nan)
-
-    rotations = ([_bl.rotation_matrices(m.label, m.n_layers, m.d_mlp, seed=config.seed).to(device) for m in others]
-                 if kind == "rotation" else None)
-    offsets = np.cumsum([0] + [m.n_neurons for m in others]).tolist()
-    first = None
-    try:
-        for p, (i0, i1) in enumerate(blocks):
-            acc = _Pass(layouts, config, device, i0, i1, n_pass=p, want_sigma=kind == "rotation" and p == 0)
-            desc = f"correlate {ref.label}" + (f" block {p + 1}/{len(blocks)}" if len(blocks) > 1 else "")
-            with torch.no_grad(), _matmul_precision(device, config.precision), \
-                    progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
-                for b, item in enumerate(source):
-                    mask, acts = _check_batch(item, layouts, b)
-                    bar.update(acc.update(b, mask, acts))
-            if p == 0:
-                if acc.n < 2:
-                    raise UniversalNeuronsError(
-                        f"the source gave {acc.n} masked-in token(s); correlation needs at least 2. "
-                        "Check the mask policy (did it exclude every position?) and that the source is not empty")
-                first = _first_pass_facts(acc, layouts, config, rotations)
-            elif acc.n != first["n"]:
-                raise UniversalNeuronsError(
-                    f"pass {p + 1} over the source saw {acc.n} tokens but pass 1 saw {first['n']}; blocked runs read the "
-                    "source once per block, so it must be re-iterable (a list, or an object whose __iter__ starts over), "
-                    "not a generator")
-            m2x, dead_x = first["m2"][0][i0:i1], first["dead_t"][0][i0:i1]
-            for k, m in enumerate(others):
-                sl = slice(offsets[k], offsets[k + 1])
-                rho = _corr(acc.C[:, sl], m2x, first["m2"][k + 1], dead_x, first["dead_t"][k + 1])
-                s = _summarise(rho, config, extras=True)
-                if full is not None:
-                    full[f"corr/{m.label}"][i0:i1] = rho.cpu().numpy().astype(config.full_matrix_dtype)
-                del rho
-                out["max_corr"][k, i0:i1], out["partner"][k, i0:i1], out["min_corr"][k, i0:i1] = s["max"], s["arg"], s["min"]
-                if config.top_k:
-                    out["top_k_corr"][k, i0:i1], out["top_k_partner"][k, i0:i1] = s["top_v"], s["top_i"]
-                if config.hist_bins:
-                    out["histogram"][k, i0:i1] = s["hist"]
-                if kind == "none":
-                    continue
-                if kind == "rotation":
-                    cb, m2b = _bl.rotate_comoments(acc.C[:, sl], rotations[k]), first["m2_rot"][k]
-                elif kind == "gaussian":
-                    cb, m2b = acc.Cb[:, sl], first["m2_z"][k]
-                else:
-                    cb, m2b = acc.Cb[:, sl], first["m2"][k + 1]
-                sb = _summarise(_corr(cb, m2x, m2b, dead_x, m2b <= 0), config, extras=False)
-                out["baseline"][k, i0:i1], out["baseline_partner"][k, i0:i1] = sb["max"], sb["arg"]
-            del acc
-    finally:
-        if full is not None:
-            full.attrs["provenance"] = to_json({**provenance_base("correlation_matrix"), **(provenance or {}),
-                                                "config": config.to_dict()})
-            full.close()
-
-    prov = {**provenance_base("correlation"), **(provenance or {}),
-            "config": config.to_dict(), "block_size": block, "passes": len(blocks), "device": str(device)}
-    return CorrelationResult(reference=ref, others=others, n_tokens=first["n"], config=config, provenance=prov,
-                             mean={m.label: v for m, v in zip(layouts, first["mean"])},
-                             var={m.label: v for m, v in zip(layouts, first["var"])},
-                             dead={m.label: v for m, v in zip(layouts, first["dead"])}, **out)
+    passes = (accumulate(source, layouts, config, block_index=p, device=device)
+              for p in range(len(reference_blocks(layouts, config))))
+    return finalize(passes, layouts, config, provenance=provenance, full_matrix_path=full_matrix_path,
+                    overwrite=overwrite)
 
 
-def _first_pass_facts(acc: _Pass, layouts, config, rotations) -> dict[str, Any]:
+def _first_pass_facts(acc: CorrelationPartial, layouts, config, rotations) -> dict[str, Any]:
     """Per-model moments, dead neurons and baseline variances: the same on every pass."""
     n = acc.n
     m2 = [mo.m2 for mo in acc.moments]
