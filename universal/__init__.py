@@ -30,3 +30,26 @@ __all__ = [
     "save_universality_table",
     "load_universality_table",
 ]
+from .ablation import (
+    AblationConfig,
+    AblationMetrics,
+    AblationResult,
+    ablate,
+    ablation_stage,
+    ablation_study,
+    control_sets,
+    neuron_means,
+    neuron_set,
+)
+
+__all__ += [
+    "AblationConfig",
+    "AblationMetrics",
+    "AblationResult",
+    "ablate",
+    "ablation_study",
+    "ablation_stage",
+    "control_sets",
+    "neuron_means",
+    "neuron_set",
+]
