@@ -285,3 +285,84 @@ def _demo(a):
     _print_summary(res["summary"])
     for k, v in res["outputs"].items():
         _say(f"{k}: {v}")
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+def _add_properties(p):
+    p.add_argument("model", help="hub name or model directory")
+    p.add_argument("--tokens", default=None, help="token set (`universal-neurons tokenize`); required without --store")
+    p.add_argument("--store", default=None, help="activation store of MODEL holding hook_pre and hook_post "
+                                                 "(`cache --pre`); default: run the model live over --tokens")
+    p.add_argument("--table", default=None, help="universality table of MODEL (.csv/.h5): adds the universal-vs-other "
+                                                 "comparison")
+    p.add_argument("-o", "--out", required=True, help="properties table (.csv; provenance in <out>.json)")
+    p.add_argument("--comparison", default=None, help="comparison table (default: property_comparison.csv next to -o)")
+    p.add_argument("--checkpoint", type=int, default=None, help="training step")
+    p.add_argument("--no-weight-processing", action="store_true",
+                   help="raw weights (default: fold LN, centre writing weights and unembedding, as the paper)")
+    p.add_argument("--batch-rows", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
+@command("properties", "per-neuron weight, activation-moment and vocabulary properties; universal vs other")(_add_properties)
+def _properties(a):
+    from activations import UniversalNeuronsError, load_model, load_token_set
+    from universal import (PropertiesConfig, compare_universal, load_universality_table, neuron_properties,
+                           save_properties)
+
+    if a.tokens is None and a.store is None:
+        raise UniversalNeuronsError("pass --tokens (moments from the live model) or --store (moments from a store)")
+    ts = load_token_set(a.tokens) if a.tokens else None
+    lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device, process_weights=not a.no_weight_processing)
+    props = neuron_properties(lm, token_set=ts, store=a.store, config=PropertiesConfig(batch_rows=a.batch_rows))
+    path = save_properties(props, a.out, overwrite=a.overwrite)
+    fam = ", ".join(f"{k} {v}" for k, v in props["family"].value_counts().items())
+    _say(f"properties of {len(props):,} neurons of {lm.name} (families: {fam}) -> {path}")
+    if a.table:
+        comp = compare_universal(load_universality_table(a.table), props)
+        cpath = save_properties(comp, a.comparison or Path(a.out).with_name("property_comparison.csv"),
+                                overwrite=a.overwrite)
+        for r in comp.itertuples():
+            _say(f"  {r.property:>20}: median universal {r.median_universal:.4g} vs other {r.median_other:.4g}, "
+                 f"rank-biserial {r.rank_biserial:+.3f}, p {r.p_value:.2g}")
+        _say(f"comparison ({int(comp['n_universal'].iloc[0])} universal neurons) -> {cpath}")
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def _add_persistence(p):
+    p.add_argument("models", nargs="+", help="hub names or local seed directories (checkpoint-<step>/), reference first")
+    p.add_argument("--steps", default=None, help="comma-separated checkpoint steps (hub models: required; seed "
+                                                 "directories: default every saved checkpoint)")
+    p.add_argument("--text", required=True, help="text file, .jsonl, folder, hf:<dataset>, or a token set (.h5)")
+    p.add_argument("-o", "--out", required=True, help="output directory (checkpoints/step-<t>/, persistence/)")
+    p.add_argument("--labels", default=None)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--no-cache", action="store_true", help="correlate from live models; write no activation stores")
+    p.add_argument("--batch-rows", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    _token_args(p)
+    _corr_args(p)
+
+
+@command("persistence", "universal neurons at several training checkpoints: persistence, partner consistency, emergence")(_add_persistence)
+def _persistence(a):
+    from activations import load_token_set
+    from universal import run_persistence
+    from universal.pipeline import PipelineConfig
+
+    cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
+                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device)
+    text = load_token_set(a.text) if a.text.endswith((".h5", ".hdf5")) else a.text
+    res = run_persistence(a.models, _ints(a.steps) if a.steps else None, text, a.out,
+                          labels=a.labels.split(",") if a.labels else None, config=cfg, overwrite=a.overwrite)
+    for t, g in res.emergence.groupby("step"):
+        per = ", ".join(f"L{r.layer} {r.n_universal}" for r in g.itertuples())
+        _say(f"step {t}: {int(g['n_universal'].sum())} universal ({per})")
+    adj = "; ".join(f"{t}->{t2}: {res.overall.loc[t, t2]:.3f}" for t, t2 in zip(res.steps, res.steps[1:]))
+    _say(f"persistence |U_t ∩ U_t'|/|U_t| of consecutive checkpoints: {adj}")
+    _say(f"results -> {Path(a.out) / 'persistence'}")

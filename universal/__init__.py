@@ -53,3 +53,37 @@ __all__ += [
     "neuron_means",
     "neuron_set",
 ]
+
+from .persistence import PersistenceResult, persistence_from_tables, persistence_stage, resolve_steps, run_persistence
+from .properties import (
+    PropertiesConfig,
+    StreamingMoments,
+    activation_moments,
+    classify_families,
+    compare_universal,
+    join_universality,
+    load_properties,
+    neuron_properties,
+    properties_stage,
+    save_properties,
+    weight_properties,
+)
+
+__all__ += [
+    "PropertiesConfig",
+    "StreamingMoments",
+    "weight_properties",
+    "activation_moments",
+    "classify_families",
+    "neuron_properties",
+    "join_universality",
+    "compare_universal",
+    "save_properties",
+    "load_properties",
+    "properties_stage",
+    "PersistenceResult",
+    "persistence_from_tables",
+    "run_persistence",
+    "persistence_stage",
+    "resolve_steps",
+]
