@@ -366,3 +366,22 @@ def _persistence(a):
     adj = "; ".join(f"{t}->{t2}: {res.overall.loc[t, t2]:.3f}" for t, t2 in zip(res.steps, res.steps[1:]))
     _say(f"persistence |U_t ∩ U_t'|/|U_t| of consecutive checkpoints: {adj}")
     _say(f"results -> {Path(a.out) / 'persistence'}")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _add_report(p):
+    p.add_argument("run_dir", help="output directory of a pipeline run (`universal-neurons run/demo -o DIR`)")
+    p.add_argument("-o", "--out", default=None, help="HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--title", default=None, help="title at the top of the report")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report file")
+
+
+@command("report", "one self-contained HTML report of a run (figures, universal neurons, provenance; works offline)")(_add_report)
+def _report(a):
+    from universal.report import Report
+
+    report = Report.from_run(a.run_dir, title=a.title)
+    path = report.save(a.out or Path(a.run_dir) / "report.html", overwrite=a.overwrite)
+    _say(f"report ({', '.join(s.title for s in report.sections)}) -> {path}")

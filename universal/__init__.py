@@ -87,3 +87,38 @@ __all__ += [
     "persistence_stage",
     "resolve_steps",
 ]
+
+from .figures import (
+    fig_ablation,
+    fig_corr_distributions,
+    fig_emergence,
+    fig_excess_distribution,
+    fig_max_corr_vs_baseline,
+    fig_pair_correlations,
+    fig_partner_consistency,
+    fig_persistence,
+    fig_persistence_by_layer,
+    fig_property_comparison,
+    fig_property_effects,
+    fig_universal_fraction,
+)
+from .report import Report, ReportSection, load_run, report_stage
+
+__all__ += [
+    "fig_max_corr_vs_baseline",
+    "fig_corr_distributions",
+    "fig_universal_fraction",
+    "fig_excess_distribution",
+    "fig_pair_correlations",
+    "fig_property_comparison",
+    "fig_property_effects",
+    "fig_ablation",
+    "fig_persistence",
+    "fig_persistence_by_layer",
+    "fig_partner_consistency",
+    "fig_emergence",
+    "Report",
+    "ReportSection",
+    "load_run",
+    "report_stage",
+]

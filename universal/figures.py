@@ -343,8 +343,8 @@ def _step_matrix(df: pd.DataFrame, value: str) -> pd.DataFrame:
     """A steps x steps matrix from a long (t, t2, value) table, or a wide one with a step index."""
     if {"t", "t2", value} <= set(df.columns):
         m = df.pivot_table(index="t", columns="t2", values=value, aggfunc="mean")
-    else:  # wide: first column holds the "from" step, the other column names the "to" steps
-        m = df.set_index(df.columns[0])
+    else:  # a matrix: rows "from" step t, columns "to" step t' (as read from CSV: steps in the first column)
+        m = df.set_index(df.columns[0]) if str(df.columns[0]) in ("t", "step", "from", "Unnamed: 0") else df.copy()
         m.columns = [_num(c) for c in m.columns]
         m.index = [_num(i) for i in m.index]
     return m.sort_index().sort_index(axis=1)
@@ -370,8 +370,8 @@ def fig_persistence(overall: pd.DataFrame, *, title: str = "Persistence of the u
     """Heatmap of `|U_t ∩ U_t'| / |U_t|`: row t (from), column t' (to). A bright band right of
     the diagonal means neurons that become universal stay universal.
 
-    **Arguments:** `overall`: long (`t, t2, persistence`) or a square steps x steps table whose
-    first column is the step."""
+    **Arguments:** `overall`: `PersistenceResult.overall` (index t, columns t′), the same read
+    from `persistence_overall.csv` (first column `t`), or a long table `t, t2, persistence`."""
     m = _step_matrix(overall, "persistence")
     fig = go.Figure(_heatmap(m))
     _finish(fig, title, 460, legend=False, xaxis_title="to checkpoint t′ (step)", yaxis_title="from checkpoint t (step)")
@@ -401,7 +401,8 @@ def fig_persistence_by_layer(per_layer: pd.DataFrame, *, value: str = "persisten
 def fig_partner_consistency(consistency: pd.DataFrame) -> go.Figure:
     """Fraction of universal neurons whose matched partner in each seed m is the same neuron at t
     and t′: a line per seed against t′ for the first t (long table `model, t, t2, consistency`),
-    or a heatmap when the table has no model column."""
+    or a heatmap when the table has no model column. `model = 'mean'` (the mean over seeds) is
+    drawn dashed and black."""
     val = next((c for c in ("consistency", "partner_consistency", "fraction", "value") if c in consistency.columns), None)
     if val is None:
         raise UniversalNeuronsError(f"the partner-consistency table has no value column; it has {list(consistency.columns)}")
@@ -412,7 +413,9 @@ def fig_partner_consistency(consistency: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for m, g in consistency.groupby(mcol):
         g = g.groupby("t2")[val].mean().reset_index()
-        fig.add_trace(go.Scatter(x=g["t2"], y=g[val], mode="lines+markers", name=f"seed {m}"))
+        mean = str(m) == "mean"
+        fig.add_trace(go.Scatter(x=g["t2"], y=g[val], mode="lines+markers", name="mean over seeds" if mean else f"seed {m}",
+                                 line=dict(color="black", dash="dash") if mean else None))
     _finish(fig, "Partner consistency (same partner neuron at t and t′), mean over t", 380, xaxis_title="checkpoint t′ (step)", yaxis_title="fraction of universal neurons")
     fig.update_yaxes(range=[0, 1.05])
     _step_axis(fig, consistency["t2"])

@@ -9,7 +9,9 @@ What it reads (each optional but the first two):
     summary.json, universality.csv          headline numbers, provenance, the universality table
     properties.csv, property_comparison.csv neuron properties, universal vs other
     ablation_summary.csv, ablation_runs.csv ablation of universal sets vs random controls
-    persistence/*.csv, checkpoints/step-*/  persistence of the universal set, emergence curves
+    persistence/persistence_*.csv, partner_consistency.csv, emergence.csv
+                                            persistence across checkpoints (universal.persistence);
+                                            without emergence.csv, emergence from checkpoints/step-*/
 
 `report_stage` is the same as a pipeline stage: `run_pipeline(..., extra_stages=[..., report_stage])`
 (last, since stages run in order and the report shows what the earlier ones wrote).
@@ -107,7 +109,13 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     table = load_universality_table(table_path)
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
     pers_dir = d / "persistence"
-    persistence = {p.stem: df for p in sorted(pers_dir.glob("*.csv")) if (df := _csv(p)) is not None} if pers_dir.is_dir() else {}
+    persistence = {}
+    if pers_dir.is_dir():  # file names of universal.persistence.PersistenceResult.save
+        for key, name in (("overall", "persistence_overall.csv"), ("per_layer", "persistence_per_layer.csv"),
+                          ("partner_consistency", "partner_consistency.csv"), ("emergence", "emergence.csv")):
+            df = _csv(pers_dir / name)
+            if df is not None:
+                persistence[key] = df
     emergence = persistence.pop("emergence", None)
     if emergence is None:
         emergence = _emergence_from_checkpoints(d)
