@@ -154,7 +154,7 @@ def fig_universal_fraction(table: pd.DataFrame) -> go.Figure:
     overall = 100 * table["is_universal"].mean()
     fig.add_hline(y=overall, line_dash="dot", line_color="black", annotation_text=f"all layers {overall:.2f}%",
                   annotation_position="top left")
-    _finish(fig, "Universal neurons per layer", 380, xaxis_title="layer",
+    _finish(fig, "Universal neurons per layer", 380, legend=False, xaxis_title="layer",
                       yaxis_title="universal (% of layer)", showlegend=False)
     fig.update_yaxes(range=[0, max(float(pct.max()) if len(pct) else 0, overall) * 1.25 + 0.5])
     return fig

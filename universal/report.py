@@ -8,7 +8,7 @@ What it reads (each optional but the first two):
 
     summary.json, universality.csv          headline numbers, provenance, the universality table
     properties.csv, property_comparison.csv neuron properties, universal vs other
-    ablation_summary.csv, ablation_runs.csv ablation of universal sets vs random controls
+    ablation/ablation_summary.csv, ablation_runs.csv   universal sets vs random controls (universal.ablation)
     persistence/persistence_*.csv, partner_consistency.csv, emergence.csv
                                             persistence across checkpoints (universal.persistence);
                                             without emergence.csv, emergence from checkpoints/step-*/
@@ -108,6 +108,11 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
         raise UniversalNeuronsError(f"{d} has no universality.csv or universality.h5; run the pipeline first")
     table = load_universality_table(table_path)
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
+    # universal.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
+    abl_info = summary.get("ablation") if isinstance(summary.get("ablation"), dict) else {}
+    abl = d / abl_info.get("dir", "ablation")
+    if not (abl / "ablation_summary.csv").exists():
+        abl = d
     pers_dir = d / "persistence"
     persistence = {}
     if pers_dir.is_dir():  # file names of universal.persistence.PersistenceResult.save
@@ -122,7 +127,7 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     return {
         "run_dir": d, "summary": summary, "table": table,
         "properties": _csv(d / "properties.csv"), "property_comparison": _csv(d / "property_comparison.csv"),
-        "ablation_summary": _csv(d / "ablation_summary.csv"), "ablation_runs": _csv(d / "ablation_runs.csv"),
+        "ablation_summary": _csv(abl / "ablation_summary.csv"), "ablation_runs": _csv(abl / "ablation_runs.csv"),
         "persistence": persistence, "emergence": emergence,
     }
 
@@ -528,8 +533,10 @@ def _headline(summary: dict, table: pd.DataFrame, ablation: pd.DataFrame | None)
              ("baseline", f"{corr.get('baseline', '?')} (seed {corr.get('seed', '?')})", False),
              ("dead neurons", f"{dead:,}", False)]
     if ablation is not None and {"delta_ce", "control_delta_ce_mean"} <= set(ablation.columns):
-        r = ablation["delta_ce"].sum() / max(abs(ablation["control_delta_ce_mean"].sum()), 1e-12)
-        cards.append(("ΔCE vs control", f"{r:.1f}×", True))
+        whole = ablation[ablation["group"].astype(str) == "all layers"]
+        a = whole if len(whole) else ablation
+        r = a["delta_ce"].sum() / max(abs(a["control_delta_ce_mean"].sum()), 1e-12)
+        cards.append(("ΔCE universal / random", f"{r:.1f}×", True))
     return cards
 
 
