@@ -29,6 +29,12 @@ def _token_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="field of .jsonl records")
 
 
+def _cluster_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default=None,
+                   help="run on Dask: local:N (N worker processes here), tcp://host:port (a running scheduler) or "
+                        "scheduler-file:PATH; default in-process (docs/distributed.md)")
+
+
 def _token_config(a):
     from activations import TokenSetConfig
 
@@ -92,6 +98,7 @@ def _add_cache(p):
     p.add_argument("--batch-rows", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
+    _cluster_arg(p)
 
 
 @command("cache", "run a model over a token set and stream its MLP activations to HDF5 (resumable)")(_add_cache)
@@ -99,9 +106,16 @@ def _cache(a):
     from activations import StoreConfig, cache_activations, load_model, load_token_set, preflight_cache
 
     ts = load_token_set(a.tokens)
-    lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
     cfg = StoreConfig(kinds=("post", "pre") if a.pre else ("post",), dtype="float32" if a.fp32 else "float16",
                       compression=a.compression)
+    if a.cluster:  # shards cached by the workers, stitched into one store at --out
+        from universal.distributed import cache_distributed
+
+        path = cache_distributed(a.model, ts, a.out, cluster=a.cluster, config=cfg, checkpoint=a.checkpoint,
+                                 device=a.device, batch_rows=a.batch_rows, overwrite=a.overwrite)
+        _say(f"activations of {a.model} (cluster {a.cluster}) -> {path}")
+        return
+    lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
     pf = preflight_cache(lm, ts, cfg)
     _say("preflight: " + ", ".join(f"{k}={v}" for k, v in pf.items() if not isinstance(v, (list, dict))))
     path = cache_activations(lm, ts, a.out, config=cfg, batch_rows=a.batch_rows, overwrite=a.overwrite)
@@ -120,6 +134,7 @@ def _add_correlate(p):
     p.add_argument("--all-pairs", action="store_true", help="every model as the reference in turn (beyond the paper)")
     p.add_argument("--overwrite", action="store_true")
     _corr_args(p)
+    _cluster_arg(p)
 
 
 @command("correlate", "correlate every neuron of the reference with every neuron of the others, with a baseline")(_add_correlate)
@@ -146,6 +161,11 @@ def _correlate(a):
     prov = {"models": [p.get("model", p) for p in provs], "labels": labels, "stores": [str(Path(s).resolve()) for s in a.stores],
             "token_set": {"hash": ts_hash}}
     if a.all_pairs:
+        if a.cluster:
+            from activations import UniversalNeuronsError
+
+            raise UniversalNeuronsError("--all-pairs does not run on a cluster yet; run one `correlate --cluster` "
+                                        "per reference (list its store first)")
         results = correlate_all_pairs(source, layouts, cfg, provenance=prov)
         out = Path(a.out)
         for lab, res in results.items():
@@ -153,7 +173,14 @@ def _correlate(a):
             res.save(path, overwrite=a.overwrite)
             _say(f"reference {lab}: -> {path}")
         return 0
-    res = correlate(source, layouts, cfg, provenance=prov, full_matrix_path=a.full_matrix, overwrite=a.overwrite)
+    if a.cluster:
+        from universal.distributed import correlate_distributed
+
+        res = correlate_distributed(source, layouts, cfg, cluster=a.cluster, provenance=prov,
+                                    full_matrix_path=a.full_matrix, overwrite=a.overwrite)
+        _say(f"cluster {a.cluster}: {res.provenance['distributed']}")
+    else:
+        res = correlate(source, layouts, cfg, provenance=prov, full_matrix_path=a.full_matrix, overwrite=a.overwrite)
     res.save(a.out, overwrite=a.overwrite)
     dead = ", ".join(f"{k}: {int(v.sum())}" for k, v in res.dead.items())
     _say(f"correlated {res.n_tokens:,} tokens; dead neurons {dead} -> {a.out}")
@@ -194,14 +221,25 @@ def _add_run(p):
     p.add_argument("--overwrite", action="store_true")
     _token_args(p)
     _corr_args(p)
+    _cluster_arg(p)
 
 
 @command("run", "the whole pipeline (tokenize, cache, correlate, flag, later stages) for models you name")(_add_run)
 def _run(a):
+    import dataclasses
+
     from universal.pipeline import PipelineConfig, run_pipeline
 
+    cluster = {}
+    if a.cluster:  # PipelineConfig.cluster: see docs/distributed.md
+        if "cluster" not in {f.name for f in dataclasses.fields(PipelineConfig)}:
+            from activations import UniversalNeuronsError
+
+            raise UniversalNeuronsError("this version's pipeline cannot run on a cluster yet; run its stages with "
+                                        "`cache --cluster` and `correlate --cluster`, then `flag`")
+        cluster = {"cluster": a.cluster}
     cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
-                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device)
+                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device, **cluster)
     res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint,
                        labels=a.labels.split(",") if a.labels else None, config=cfg, overwrite=a.overwrite)
     _print_summary(res.summary)
@@ -285,6 +323,51 @@ def _demo(a):
     _print_summary(res["summary"])
     for k, v in res["outputs"].items():
         _say(f"{k}: {v}")
+
+
+# ---------------------------------------------------------------------------- ablate
+
+
+def _add_ablate(p):
+    p.add_argument("model", help="hub name or model directory (the reference model of the table)")
+    p.add_argument("--table", required=True,
+                   help="universality table (.csv/.h5; ablates is_universal), or a CSV of layer,neuron to ablate")
+    p.add_argument("--tokens", required=True, help="held-out token set from `universal-neurons tokenize`")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--kind", default="mean", choices=["zero", "mean", "fixed"], help="ablation value (default mean)")
+    p.add_argument("--value", type=float, default=None, help="the activation written by --kind fixed")
+    p.add_argument("--controls", type=int, default=5, help="random control sets per ablated set")
+    p.add_argument("--seed", type=int, default=0, help="seed of control draws and bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--no-per-layer", action="store_true", help="skip the one-layer-at-a-time groups")
+    p.add_argument("--checkpoint", type=int, default=None, help="training step")
+    p.add_argument("--store", default=None, help="activation store of MODEL on --tokens to read means from")
+    p.add_argument("--per-token", action="store_true", help="also write per-token values (ablation_tokens.h5)")
+    p.add_argument("--batch-rows", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
+@command("ablate", "ablate universal neurons as a group (and per layer) against random controls; ΔCE, KL, entropy")(_add_ablate)
+def _ablate(a):
+    from activations import load_model, load_token_set
+    from universal import AblationConfig, AblationResult, ablation_study, load_universality_table
+
+    AblationResult.check_out_dir(a.out, overwrite=a.overwrite)
+    cfg = AblationConfig(kind=a.kind, value=a.value, n_controls=a.controls, seed=a.seed, n_bootstrap=a.bootstrap,
+                         batch_rows=a.batch_rows, per_layer=not a.no_per_layer)
+    table = load_universality_table(a.table)
+    ts = load_token_set(a.tokens)
+    lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
+    out = Path(a.out)
+    per_token = out / "ablation_tokens.h5" if a.per_token else None
+    res = ablation_study(lm, table, ts, cfg, store=a.store, per_token_path=per_token, overwrite=a.overwrite)
+    res.save(out, overwrite=a.overwrite)
+    for r in res.summary.itertuples():
+        _say(f"{r.group}: {r.n_neurons} neurons, ΔCE {r.delta_ce:+.4f} [{r.delta_ce_lo:+.4f}, {r.delta_ce_hi:+.4f}], "
+             f"KL {r.kl:.4f}; controls ΔCE {r.control_delta_ce_mean:+.4f} [{r.control_delta_ce_lo:+.4f}, "
+             f"{r.control_delta_ce_hi:+.4f}], ratio {r.ratio_delta_ce:.2f}, p {r.p_value:.3f}")
+    _say(f"{cfg.kind} ablation over {int(res.summary['n_tokens'].iloc[0]):,} predictions -> {out}")
 
 
 # ---------------------------------------------------------------------------- properties

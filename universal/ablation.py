@@ -655,11 +655,7 @@ class AblationResult:
         """Write `ablation_runs.csv`, `ablation_summary.csv`, `ablation.json`, `ablation_rows.h5` into `out_dir`."""
         import h5py
 
-        out = Path(out_dir)
-        existing = [f for f in _FILES if (out / f).exists()]
-        if existing and not overwrite:
-            raise UniversalNeuronsError(f"{out} already holds ablation results ({', '.join(existing)}); pass "
-                                        "overwrite=True (--overwrite) or choose another directory")
+        out = self.check_out_dir(out_dir, overwrite=overwrite)
         out.mkdir(parents=True, exist_ok=True)
         self.runs.to_csv(out / "ablation_runs.csv", index=False)
         self.summary.to_csv(out / "ablation_summary.csv", index=False)
@@ -670,6 +666,16 @@ class AblationResult:
                 f.create_dataset(k, data=v)
             f.attrs["provenance"] = to_json(self.provenance)
             f.attrs["note"] = "sums over counted predictions per token row; [set, row] in ablation_runs.csv order"
+        return out
+
+    @staticmethod
+    def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Refuse (before any work) a directory that already holds ablation results, unless `overwrite`."""
+        out = Path(out_dir)
+        existing = [f for f in _FILES if (out / f).exists()]
+        if existing and not overwrite:
+            raise UniversalNeuronsError(f"{out} already holds ablation results ({', '.join(existing)}); pass "
+                                        "overwrite=True (--overwrite) or choose another directory")
         return out
 
     @classmethod
@@ -843,9 +849,6 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
         from activations import load_model
 
         prov = result.model_provenance[0]
-        lm = load_model(prov["resolved"], checkpoint=prov["checkpoint"] if prov["source"] == "hub" else None,
-                        device=device, dtype=prov.get("dtype", "float32"),
-                        process_weights=bool(prov["weight_processing"]["fold_ln"]))
         ts = eval_tokens if eval_tokens is not None else result.token_set
         out = Path(result.out_dir) / subdir
         if (out / "ablation.json").exists() and not overwrite:
@@ -857,6 +860,11 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
                 return {"ablation": _headline(old, out)}
             raise UniversalNeuronsError(f"{out} holds an ablation study of other inputs; pass overwrite=True "
                                         "(--overwrite) or use a new output directory")
+        local = prov["source"] != "hub"  # a local `resolved` is the checkpoint directory itself
+        lm = load_model(prov["resolved"], checkpoint=None if local else prov["checkpoint"], device=device,
+                        dtype=prov.get("dtype", "float32"), process_weights=bool(prov["weight_processing"]["fold_ln"]))
+        if local:
+            lm.provenance.update(checkpoint=prov["checkpoint"], name=prov["name"])
         means = None
         if config.kind == "mean":
             store_path = Path(result.out_dir) / "stores" / f"{result.labels[0]}.h5"
