@@ -786,7 +786,7 @@ class _Assembler:
 
 def finalize(partials: Iterable[CorrelationPartial], layouts: Sequence[ModelLayout],
              config: CorrelationConfig | None = None, *, provenance: dict[str, Any] | None = None,
-             full_matrix_path: str | os.PathLike | None = None, overwrite: bool = False,
+             full_matrix_path: str | os.PathLike | None = None, overwrite: bool = False, device=None,
              extra_provenance: dict[str, Any] | None = None) -> CorrelationResult:
     """Correlations, partners and baselines from one merged partial per reference block.
 
@@ -795,15 +795,14 @@ def finalize(partials: Iterable[CorrelationPartial], layouts: Sequence[ModelLayo
       in block order, each over every token; an iterator is consumed one block at a time
       (only one block's accumulators are alive at once).
     - `layouts`, `config`, `provenance`, `full_matrix_path`, `overwrite`: as for `correlate`.
+    - `device`: where the correlations are summarised (default `config.device`).
     - `extra_provenance`: more keys for the result's provenance (e.g. the cluster used).
 
     **Returns:** `CorrelationResult`.
     """
     config = config or CorrelationConfig()
     layouts = _check_layouts(layouts)
-    device = pick_device(config.device)
-    if config.precision == "tf32" and device.type != "cuda":
-        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
+    device = pick_device(config.device if device is None else device)
     log.info(preflight(layouts, 0, config)["summary"].replace(" over 0 tokens", ""))
     asm = _Assembler(layouts, config, device, full_matrix_path, overwrite, provenance)
     try:
@@ -835,6 +834,8 @@ def correlate(source: Iterable, layouts: Sequence[ModelLayout], config: Correlat
     config = config or CorrelationConfig()
     layouts = _check_layouts(layouts)
     device = pick_device(config.device)
+    if config.precision == "tf32" and device.type != "cuda":
+        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
     passes = (accumulate(source, layouts, config, block_index=p, device=device)
               for p in range(len(reference_blocks(layouts, config))))
     return finalize(passes, layouts, config, provenance=provenance, full_matrix_path=full_matrix_path,
