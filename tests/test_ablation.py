@@ -236,6 +236,8 @@ def test_bad_input_is_refused_with_the_fix(lm, ts):
     masked.mask = np.zeros_like(masked.mask)
     with pytest.raises(UniversalNeuronsError, match="no counted predictions"):
         ablate(lm, [(0, 1)], masked, cfg)
+    with pytest.raises(UniversalNeuronsError, match="masks out every token"):
+        ablate(lm, [(0, 1)], masked, AblationConfig(kind="mean"))
     with pytest.raises(UniversalNeuronsError, match="unknown ablation kind 'resample'"):
         AblationConfig(kind="resample")
     with pytest.raises(UniversalNeuronsError, match="needs a finite value"):
@@ -285,3 +287,6 @@ def test_pipeline_stage_writes_reuses_and_refuses(lm, ts, tmp_path):
     assert ablation_stage(cfg, eval_tokens=held_out)(fake) == out  # reused
     with pytest.raises(UniversalNeuronsError, match="other inputs"):
         ablation_stage(AblationConfig(kind="zero", **FAST), eval_tokens=held_out)(fake)
+    # a family without universal neurons: the stage reports it and lets the pipeline finish
+    none = SimpleNamespace(**{**vars(fake), "out_dir": tmp_path / "none", "table": _table(lm, [])})
+    assert ablation_stage(cfg)(none)["ablation"]["skipped"] == "no universal neurons"

@@ -267,6 +267,9 @@ def neuron_means(source: LoadedModel | ActivationStore | str | os.PathLike, toke
                 a = acts[hook_name(l)].reshape(-1, source.d_mlp)[m]
                 total[l] += a.double().sum(0).cpu()
             n += int(mask.sum())
+        if n == 0:
+            raise UniversalNeuronsError("the token set masks out every token; there is no mean to take. Rebuild it "
+                                        "with a laxer mask or on more text")
         return (total / n).numpy()
     owned = not isinstance(source, ActivationStore)
     store = ActivationStore.open(source) if owned else source
@@ -865,6 +868,9 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
                         dtype=prov.get("dtype", "float32"), process_weights=bool(prov["weight_processing"]["fold_ln"]))
         if local:
             lm.provenance.update(checkpoint=prov["checkpoint"], name=prov["name"])
+        if not result.table["is_universal"].any():  # not an error of the run: report it, keep the summary
+            log.warning("no universal neurons in the reference model; the ablation stage is skipped")
+            return {"ablation": {"dir": None, "kind": config.kind, "skipped": "no universal neurons", "groups": []}}
         means = None
         if config.kind == "mean":
             store_path = Path(result.out_dir) / "stores" / f"{result.labels[0]}.h5"
