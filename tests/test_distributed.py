@@ -31,9 +31,18 @@ DOCS = SAMPLE_TEXT.split("\n\n") * 32  # ~14k tokens: 4 chunks of 4096 in a d_ml
 F32 = StoreConfig(dtype="float32")
 
 
+def _warm_imports():
+    import activations.models  # noqa: F401
+    from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+
+
 @pytest.fixture(scope="module")
 def client():
     c = connect("local:2")
+    from distributed import fire_and_forget
+
+    for w in c.scheduler_info()["workers"]:  # the workers import TransformerLens while this process builds stores
+        fire_and_forget(c.submit(_warm_imports, workers=[w], pure=False))
     yield c
     c.close()
 
