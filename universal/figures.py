@@ -342,7 +342,7 @@ def _interval(s: pd.DataFrame, name: str, y: np.ndarray) -> dict | None:
 def _step_matrix(df: pd.DataFrame, value: str) -> pd.DataFrame:
     """A steps x steps matrix from a long (t, t2, value) table, or a wide one with a step index."""
     if {"t", "t2", value} <= set(df.columns):
-        m = df.pivot_table(index="t", columns="t2", values=value, aggfunc="mean")
+        m = df.pivot_table(index="t", columns="t2", values=value, aggfunc="mean", dropna=False)  # keep NaN rows (empty U_t)
     else:  # a matrix: rows "from" step t, columns "to" step t' (as read from CSV: steps in the first column)
         m = df.set_index(df.columns[0]) if str(df.columns[0]) in ("t", "step", "from", "Unnamed: 0") else df.copy()
         m.columns = [_num(c) for c in m.columns]
