@@ -492,7 +492,9 @@ class ActivationStore:
 
     @property
     def chunk_tokens(self) -> int:
-        return int(self._f[self.hooks[0]].chunks[0])
+        ds = self._f[self.hooks[0]]
+        # a stitched store's virtual datasets have no chunks; they carry their shards' chunk length
+        return int(ds.chunks[0]) if ds.chunks is not None else int(ds.attrs.get("chunk_tokens", 1))
 
 
 def _open_all(stores) -> tuple[list[ActivationStore], list[bool]]:

@@ -179,6 +179,13 @@ class TokenSet:
             self._hash = content_hash(self.ids, self.mask)
         return self._hash
 
+    def select_rows(self, start: int, stop: int) -> "TokenSet":
+        """Rows `start:stop` as a token set of their own (a shard, or a held-out slice); the
+        rows' place in the parent is recorded in `source['rows']`."""
+        return TokenSet(ids=self.ids[start:stop], mask=self.mask[start:stop], doc_index=self.doc_index[start:stop],
+                        source_rows=self.source_rows[start:stop], config=self.config,
+                        tokenizer_info=self.tokenizer_info, source={**self.source, "rows": [int(start), int(stop)]})
+
     def batches(self, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive blocks of rows, in order.
 

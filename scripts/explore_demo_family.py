@@ -10,6 +10,7 @@ each reference neuron's max correlation with the other seeds against a Haar-rota
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from universal.demo_data import demo_documents, demo_tokenizer
 from universal.training import TrainConfig, train_family
 
 
-def rows(tok, split: str, n_ctx: int) -> np.ndarray:
+def token_rows(tok, split: str, n_ctx: int) -> np.ndarray:
     docs = [d["text"] for d in demo_documents(split)]
     return build_token_set(docs, tok, TokenSetConfig(ctx_len=n_ctx)).ids.astype(np.int64)
 
@@ -58,14 +59,14 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=100_000)
     args = ap.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))  # 2 threads thrash on a shared 2-core machine
     tok = demo_tokenizer()
     mcfg = GPT2Config(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, d_mlp=args.d_mlp,
                       n_ctx=args.n_ctx, d_vocab=len(tok), act_fn=args.act)
     cfg = TrainConfig(model=mcfg, n_tokens=args.n_tokens, lr=args.lr, weight_decay=args.wd, batch_rows=args.batch_rows)
     t0 = time.time()
-    train = rows(tok, "train", args.n_ctx)
-    held = rows(tok, "heldout", args.n_ctx)
+    train = token_rows(tok, "train", args.n_ctx)
+    held = token_rows(tok, "heldout", args.n_ctx)
     n_val = 65_536 // args.n_ctx
     fam = Path(args.root) / args.tag
     res = train_family(train, held[:n_val], tok, config=cfg, seeds=list(range(args.seeds)), family_dir=fam,

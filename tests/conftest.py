@@ -65,3 +65,14 @@ def tokenizer():
 def tiny_family(tmp_path_factory, tokenizer):
     """Two untrained tiny GPT-2 seeds (2 layers, d_mlp 64, n_ctx 32), one checkpoint (step 0)."""
     return make_family(tmp_path_factory.mktemp("family"), tokenizer=tokenizer)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; a second one only thrashes on a shared 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

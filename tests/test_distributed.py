@@ -204,24 +204,17 @@ def test_cache_shards_stitch_into_one_store_every_reader_accepts(client, tiny_fa
 def test_stitched_store_feeds_iter_aligned_and_correlate(client, tiny_family, ts, stores, tmp_path):
     shards = []
     for k, (r0, r1) in enumerate([(0, 160), (160, 320), (320, ts.n_rows)]):
-        from universal.distributed import _slice_rows
-
-        shards.append(cache_activations(load_model(tiny_family[1], checkpoint=0), _slice_rows(ts, r0, r1),
+        shards.append(cache_activations(load_model(tiny_family[1], checkpoint=0), ts.select_rows(r0, r1),
                                         tmp_path / f"b{k}.h5", config=F32, batch_rows=32))
     stitched = stitch_stores(shards, ts, tmp_path / "b.h5")
-    try:
-        src = iter_aligned([stores[0], stitched], batch_tokens=4096)
-    except TypeError as e:  # activations/store.py reads ds.chunks, which a virtual dataset lacks
-        pytest.xfail(f"iter_aligned does not yet accept virtual datasets (store.py chunk_tokens): {e}")
+    src = iter_aligned([stores[0], stitched], batch_tokens=4096)
     cfg = CorrelationConfig()
     _assert_same(correlate(iter_aligned(stores, batch_tokens=4096), LAYOUTS, cfg), correlate(src, LAYOUTS, cfg), 1e-6)
 
 
 def test_stitch_refuses_mismatched_shards(tiny_family, ts, stores, tmp_path):
-    from universal.distributed import _slice_rows
-
     lm = load_model(tiny_family[0], checkpoint=0)
-    half = cache_activations(lm, _slice_rows(ts, 0, 64), tmp_path / "h.h5", config=F32, batch_rows=32)
+    half = cache_activations(lm, ts.select_rows(0, 64), tmp_path / "h.h5", config=F32, batch_rows=32)
     with pytest.raises(UniversalNeuronsError, match="rows"):
         stitch_stores([half, half], ts, tmp_path / "y.h5")
     assert not (tmp_path / "y.h5").exists()
@@ -251,3 +244,16 @@ def test_connect_none_and_shard_ranges():
         assert c is None
     assert shard_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
     assert shard_ranges(2, 5) == [(0, 1), (1, 2)]
+
+
+def test_pipeline_on_a_cluster_gives_the_in_process_table(client, tiny_family, ts, tmp_path):
+    from universal.pipeline import PipelineConfig, run_pipeline
+
+    base = dict(tokens=ts.config, batch_rows=32, store=F32)
+    local = run_pipeline(tiny_family, ts, tmp_path / "local", checkpoint=0, config=PipelineConfig(**base))
+    dist = run_pipeline(tiny_family, ts, tmp_path / "dist", checkpoint=0,
+                        config=PipelineConfig(**base, cluster=client.scheduler.address))
+    assert (tmp_path / "dist" / "stores" / "a.h5.shards").is_dir()  # cached by the workers, stitched
+    for c in ("is_universal", "partner_layer_b", "partner_neuron_b"):
+        np.testing.assert_array_equal(local.table[c].to_numpy(), dist.table[c].to_numpy(), err_msg=c)
+    np.testing.assert_allclose(local.table["excess_corr"], dist.table["excess_corr"], rtol=0, atol=1e-10)

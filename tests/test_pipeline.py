@@ -75,3 +75,13 @@ def test_pipeline_rejects_bad_families(tiny_family, tmp_path):
         run_pipeline(tiny_family[:1], TEXT, tmp_path, config=CFG)
     with pytest.raises(UniversalNeuronsError, match="labels"):
         run_pipeline(tiny_family, TEXT, tmp_path, config=CFG, labels=["x", "x"])
+
+
+def test_live_run_at_another_checkpoint_is_not_reused(tmp_path, tokenizer):
+    from tests.conftest import make_family
+
+    fam = make_family(tmp_path / "fam", steps=(0, 10), tokenizer=tokenizer)
+    live = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8, cache=False)
+    run_pipeline(fam, TEXT, tmp_path / "run", checkpoint=0, config=live)
+    with pytest.raises(UniversalNeuronsError, match="other models, tokens or settings"):
+        run_pipeline(fam, TEXT, tmp_path / "run", checkpoint=10, config=live)

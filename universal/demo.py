@@ -46,7 +46,7 @@ log = logging.getLogger("universal_neurons")
 # Chosen by measurement (docs/demo_family.md): see that page for what each alternative reached.
 DEMO_TRAIN_CONFIG = TrainConfig(
     model=GPT2Config(n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=256, d_vocab=4096),
-    n_tokens=2_000_000,
+    n_tokens=4_000_000,
 )
 DEMO_SEEDS = (0, 1, 2, 3, 4)  # five seeds, as in the follow-up paper
 # A family small enough to train in seconds: for tests and for notebooks run in CI.
@@ -67,12 +67,6 @@ def demo_family_dir(config: TrainConfig = DEMO_TRAIN_CONFIG, seeds=DEMO_SEEDS) -
     """Where the demo family with this configuration is cached."""
     key = hashlib.sha256(to_json({"config": config.to_dict(), "seeds": list(seeds)}).encode()).hexdigest()[:10]
     return _cache_root() / f"demo-family-{key}"
-
-
-def _slice_rows(ts: TokenSet, start: int, stop: int) -> TokenSet:
-    return TokenSet(ids=ts.ids[start:stop], mask=ts.mask[start:stop], doc_index=ts.doc_index[start:stop],
-                    source_rows=ts.source_rows[start:stop], config=ts.config, tokenizer_info=ts.tokenizer_info,
-                    source={**ts.source, "rows": [int(start), int(stop)]})
 
 
 def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO_EVAL_TOKENS,
@@ -98,8 +92,8 @@ def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO
     if held.n_rows < n_val + n_eval:
         raise UniversalNeuronsError(f"the held-out split has {held.n_rows} rows of {n_ctx}; the demo needs "
                                     f"{n_val} for validation plus {n_eval} to study: lower eval_tokens")
-    out["val"] = _slice_rows(held, 0, n_val)
-    out["eval"] = _slice_rows(held, n_val, n_val + n_eval)
+    out["val"] = held.select_rows(0, n_val)
+    out["eval"] = held.select_rows(n_val, n_val + n_eval)
     return out
 
 

@@ -238,12 +238,6 @@ def _worker_model(m: _ModelSpec, device=None):
     return _WORKER_MODELS[key]
 
 
-def _slice_rows(ts: TokenSet, start: int, stop: int) -> TokenSet:
-    return TokenSet(ids=ts.ids[start:stop], mask=ts.mask[start:stop], doc_index=ts.doc_index[start:stop],
-                    source_rows=ts.source_rows[start:stop], config=ts.config, tokenizer_info=ts.tokenizer_info,
-                    source={**ts.source, "rows": [int(start), int(stop)]})
-
-
 @dataclass(frozen=True)
 class _LiveShards(ShardedSource):
     models: tuple[_ModelSpec, ...]
@@ -260,11 +254,11 @@ class _LiveShards(ShardedSource):
 
     def batches(self, b0, b1):
         lms = [_worker_model(m, self.device) for m in self.models]
-        return LiveSource(lms, _slice_rows(self.token_set, *self._rows(b0, b1)), self.batch_rows, kind=self.kind)
+        return LiveSource(lms, self.token_set.select_rows(*self._rows(b0, b1)), self.batch_rows, kind=self.kind)
 
     def shard(self, b0, b1) -> "_LiveShards":
         """Only the rows of batches [b0, b1): what one task needs to carry."""
-        return dataclasses.replace(self, token_set=_slice_rows(self.token_set, *self._rows(b0, b1)),
+        return dataclasses.replace(self, token_set=self.token_set.select_rows(*self._rows(b0, b1)),
                                    n_batches=b1, offset=b0)
 
 
@@ -456,7 +450,7 @@ def cache_distributed(model: str | os.PathLike, token_set: TokenSet, path: str |
                   for b0, b1 in shard_ranges(n_batches, n_shards or 2 * n_workers)]
         names = [str(shard_dir / f"shard-{s:04d}-of-{len(shards):04d}.h5") for s in range(len(shards))]
         run = uuid.uuid4().hex[:8]
-        futures = [client.submit(_cache_task, m, _slice_rows(token_set, r0, r1), name, config, batch_rows, device,
+        futures = [client.submit(_cache_task, m, token_set.select_rows(r0, r1), name, config, batch_rows, device,
                                  overwrite, s, _task_hook, key=f"cache-{run}-shard{s}", pure=False)
                    for s, ((r0, r1), name) in enumerate(zip(shards, names))]
         log.info("cache %s on %d worker(s): %d shard(s) of ~%d rows", m.spec, n_workers, len(shards),

@@ -37,6 +37,7 @@ from activations._errors import UniversalNeuronsError
 from activations._runtime import from_json, provenance_base, to_json
 
 from .correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
+from .distributed import cache_distributed, correlate_distributed, live_shards, using_cluster
 from .training import seed_label
 from .universality import save_universality_table, universality_table
 
@@ -57,6 +58,7 @@ class PipelineConfig:
     batch_rows: int = 32  # rows per forward pass / per correlation batch
     process_weights: bool = True  # the paper's weight processing (fold LN, centre weights)
     device: str | None = None  # None = CUDA when present
+    cluster: str | None = None  # Dask cluster: "local:N", "tcp://host:port" (docs/distributed.md); None = in-process
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,9 +159,16 @@ def run_pipeline(
     log.info("token set: %d rows x %d = %d tokens (%d counted), hash %s", ts.n_rows, ts.ctx_len, ts.n_tokens,
              ts.n_counted, ts.hash[:12])
 
+    with using_cluster(config.cluster) as client:
+        result = _correlate_stage(models, lms, labels, ts, out, checkpoint, config, overwrite, client)
+    return _finish(result, lms, labels, ts, out, config, extra_stages)
+
+
+def _correlate_stage(models, lms, labels, ts: TokenSet, out: Path, checkpoint, config: PipelineConfig, overwrite: bool,
+                     client) -> CorrelationResult:
     if config.cache:
         stores = []
-        for lab, lm in zip(labels, lms):
+        for lab, lm, spec in zip(labels, lms, models):
             path = out / "stores" / f"{lab}.h5"
             path.parent.mkdir(exist_ok=True)
             if path.exists() and not overwrite:
@@ -172,9 +181,17 @@ def run_pipeline(
                     log.info("reusing %s", path)
                     stores.append(path)
                     continue
-            stores.append(cache_activations(lm, ts, path, config=config.store, batch_rows=config.batch_rows,
-                                            overwrite=overwrite))
+            if client is not None:
+                stores.append(cache_distributed(spec, ts, path, cluster=client, config=config.store,
+                                                checkpoint=checkpoint, process_weights=config.process_weights,
+                                                batch_rows=config.batch_rows, overwrite=overwrite))
+            else:
+                stores.append(cache_activations(lm, ts, path, config=config.store, batch_rows=config.batch_rows,
+                                                overwrite=overwrite))
         source = iter_aligned(stores, batch_tokens=config.batch_rows * ts.ctx_len, device=config.device)
+    elif client is not None:
+        source = live_shards(list(models), ts, config.batch_rows, checkpoint=checkpoint,
+                             process_weights=config.process_weights)
     else:
         source = LiveSource(lms, ts, batch_rows=config.batch_rows, device=config.device)
 
@@ -190,8 +207,11 @@ def run_pipeline(
     result = None
     if corr_path.exists() and not overwrite:
         old = CorrelationResult.load(corr_path)
+        def ident(p):
+            return [p.get("resolved"), p.get("checkpoint"), p.get("revision"), p.get("weight_processing")]
+
         same_inputs = (old.provenance.get("token_set", {}).get("hash") == ts.hash
-                       and [m.get("resolved") for m in old.provenance.get("models", [])] == [lm.provenance["resolved"] for lm in lms]
+                       and [ident(m) for m in old.provenance.get("models", [])] == [ident(lm.provenance) for lm in lms]
                        and old.config == config.correlation)
         if not same_inputs:
             raise UniversalNeuronsError(f"{corr_path} was computed from other models, tokens or settings; use a new "
@@ -199,11 +219,19 @@ def run_pipeline(
         log.info("reusing %s", corr_path)
         result = old
     if result is None:
-        result = correlate(source, layouts, config.correlation, provenance=prov)
+        if client is not None:
+            result = correlate_distributed(source, layouts, config.correlation, cluster=client, provenance=prov)
+        else:
+            result = correlate(source, layouts, config.correlation, provenance=prov)
         result.save(corr_path, overwrite=True)
     if hasattr(source, "close"):
         source.close()
+    return result
 
+
+def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, config: PipelineConfig,
+            extra_stages) -> PipelineResult:
+    prov = result.provenance
     table = universality_table(result, threshold=config.threshold)
     for ext in ("csv", "h5"):
         save_universality_table(table, out / f"universality.{ext}", provenance=prov, overwrite=True)
