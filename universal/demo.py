@@ -52,10 +52,11 @@ DEMO_SEEDS = (0, 1, 2, 3, 4)  # five seeds, as in the follow-up paper
 # A family small enough to train in seconds: for tests and for notebooks run in CI.
 TINY_DEMO_CONFIG = TrainConfig(
     model=GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=64, d_vocab=4096),
-    n_tokens=150_000, batch_rows=16, warmup_steps=10, n_checkpoints=4, eval_tokens=8192,
+    n_tokens=400_000, batch_rows=16, warmup_steps=10, n_checkpoints=4, eval_tokens=8192,
 )
 DEMO_EVAL_TOKENS = 131_072  # 512 held-out rows of 256 studied by the pipeline
 _VAL_TOKENS = 65_536  # first held-out tokens: validation loss during training
+_ABLATION_TOKENS = 32_768  # held-out tokens after the studied ones: ablation is measured there
 
 
 def _cache_root() -> Path:
@@ -72,7 +73,8 @@ def demo_family_dir(config: TrainConfig = DEMO_TRAIN_CONFIG, seeds=DEMO_SEEDS) -
 def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO_EVAL_TOKENS,
                     cache_dir: Path | None = None) -> dict[str, TokenSet]:
     """Token sets of the demo corpus: `train` (every training row), `val` (the first 65,536
-    held-out tokens) and `eval` (the following held-out rows, `eval_tokens` of them). Cached as HDF5."""
+    held-out tokens), `eval` (the following held-out rows, `eval_tokens` of them) and
+    `ablation` (up to 32,768 held-out tokens after those). Cached as HDF5."""
     tokenizer = tokenizer or demo_tokenizer()
     cache_dir = Path(cache_dir or _cache_root() / "demo-tokens")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,10 @@ def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO
                                     f"{n_val} for validation plus {n_eval} to study: lower eval_tokens")
     out["val"] = held.select_rows(0, n_val)
     out["eval"] = held.select_rows(n_val, n_val + n_eval)
+    # ablation is measured on held-out rows that neither scored training nor fed the correlations
+    n_abl = min(held.n_rows - n_val - n_eval, _ABLATION_TOKENS // n_ctx)
+    if n_abl > 0:
+        out["ablation"] = held.select_rows(n_val + n_eval, n_val + n_eval + n_abl)
     return out
 
 
@@ -113,6 +119,17 @@ def unigram_entropy(rows: np.ndarray, d_vocab: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _timed(name: str, stage, timings: dict[str, float]):
+    def run(result):
+        t = time.perf_counter()
+        try:
+            return stage(result)
+        finally:
+            timings[name] = time.perf_counter() - t
+
+    return run
+
+
 def run_demo(
     *,
     out_dir: str | os.PathLike = "runs/demo",
@@ -123,6 +140,7 @@ def run_demo(
     config: TrainConfig = DEMO_TRAIN_CONFIG,
     seeds=DEMO_SEEDS,
     eval_tokens: int = DEMO_EVAL_TOKENS,
+    threshold: float = 0.5,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or reuse) the demo family and run every stage of the pipeline on held-out text.
@@ -130,7 +148,11 @@ def run_demo(
     **Returns** a dict with `val_loss` per seed, `unigram_entropy`, the pipeline `summary`,
     `outputs` (name -> path) and `timings` (seconds per stage).
     """
+    from .ablation import AblationConfig, ablation_stage
+    from .persistence import persistence_stage
     from .pipeline import PipelineConfig, run_pipeline
+    from .properties import properties_stage
+    from .report import report_stage
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -146,9 +168,16 @@ def run_demo(
     timings["train"] = time.perf_counter() - t0
     seed_dirs = [r.seed_dir for r in results]
     out = Path(out_dir)
-    pcfg = PipelineConfig(tokens=sets["eval"].config, device=device)
+    pcfg = PipelineConfig(tokens=sets["eval"].config, threshold=threshold, device=device)
     t1 = time.perf_counter()
-    run_pipeline(seed_dirs, sets["eval"], out, config=pcfg, overwrite=overwrite)
+    stages = [
+        _timed("properties", properties_stage(), timings),
+        _timed("ablation", ablation_stage(AblationConfig(), eval_tokens=sets.get("ablation"), overwrite=overwrite,
+                                          device=device), timings),
+        _timed("persistence", persistence_stage(seed_dirs, config=pcfg), timings),
+        _timed("report", report_stage, timings),  # last: it reads what the others wrote
+    ]
+    run_pipeline(seed_dirs, sets["eval"], out, config=pcfg, overwrite=overwrite, extra_stages=stages)
     timings["pipeline"] = time.perf_counter() - t1
     h = unigram_entropy(sets["train"].ids, config.model.d_vocab)
     demo = {
@@ -161,6 +190,9 @@ def run_demo(
     summary = json.loads((out / "summary.json").read_text())
     summary["demo"] = demo
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    outputs = {"summary": str(out / "summary.json"), "universality table": str(out / "universality.csv"),
-               **summary.get("outputs", {})}
+    outputs = {"summary": str(out / "summary.json"), "universality table": str(out / "universality.csv")}
+    for name, path in (("properties", "properties.csv"), ("ablation", "ablation/ablation_summary.csv"),
+                       ("persistence", "persistence/persistence_overall.csv"), ("report", "report.html")):
+        if (out / path).exists():
+            outputs[name] = str(out / path)
     return {**demo, "summary": summary, "outputs": outputs}

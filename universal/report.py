@@ -110,7 +110,7 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
     # universal.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
     abl_info = summary.get("ablation") if isinstance(summary.get("ablation"), dict) else {}
-    abl = d / abl_info.get("dir", "ablation")
+    abl = d / (abl_info.get("dir") or "ablation")  # a skipped stage records dir=None
     if not (abl / "ablation_summary.csv").exists():
         abl = d
     pers_dir = d / "persistence"
