@@ -214,7 +214,7 @@ class TokenSet:
         if path.exists() and not overwrite:
             raise UniversalNeuronsError(f"{path} already exists; pass overwrite=True to replace it or choose another path")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # per process: concurrent savers never share it
         with h5py.File(tmp, "w") as f:
             for name in ("ids", "mask", "doc_index"):
                 d = f.create_dataset(name, data=getattr(self, name))

@@ -9,6 +9,22 @@ import pytest
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_configure(config):
+    """Tests never touch the user's cache: one temporary cache per session, shared by the tests
+    (and notebooks) that train the tiny demo family, so it is trained once."""
+    import tempfile
+
+    config._un_cache = tempfile.mkdtemp(prefix="universal-neurons-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = config._un_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_un_cache", None):
+        shutil.rmtree(config._un_cache, ignore_errors=True)
+
 # Public-domain prose (Austen, Melville, the US Constitution) with newlines, so token sets
 # have documents, newlines and varied statistics.
 SAMPLE_TEXT = """It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.

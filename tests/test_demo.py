@@ -2,10 +2,12 @@
 universality is a product of training (trained seeds beat the rotation baseline, init does not)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from activations import TokenSet
 from universal.demo import TINY_DEMO_CONFIG, run_demo
 from universal.pipeline import PipelineConfig, run_pipeline
 
@@ -13,8 +15,9 @@ from universal.pipeline import PipelineConfig, run_pipeline
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    res = run_demo(out_dir=root / "out", family_dir=root / "family", config=TINY_DEMO_CONFIG, seeds=(0, 1, 2),
-                   eval_tokens=16_384, show_progress=False)
+    # the session's cache (conftest): the notebooks reuse this family instead of training it again
+    res = run_demo(out_dir=root / "out", config=TINY_DEMO_CONFIG, seeds=(0, 1, 2), eval_tokens=16_384,
+                   show_progress=False)
     return root, res
 
 
@@ -30,8 +33,8 @@ def test_demo_trains_and_runs_every_stage(demo_run):
 
 def test_universality_is_a_product_of_training(demo_run):
     root, res = demo_run
-    seeds = [root / "family" / f"seed-{c}" for c in "abc"]
-    text = __import__("activations").TokenSet.load(root / "out" / "tokens.h5")
+    seeds = [Path(res["family_dir"]) / f"seed-{c}" for c in "abc"]
+    text = TokenSet.load(root / "out" / "tokens.h5")
     cfg = PipelineConfig(tokens=text.config)
     init = run_pipeline(seeds, text, root / "init", checkpoint=0, config=cfg).table
     final = run_pipeline(seeds, text, root / "final", config=cfg).table

@@ -21,7 +21,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 @pytest.fixture(scope="module")
 def notebook_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
-    cache = os.environ.get("UNIVERSAL_NEURONS_NOTEBOOK_CACHE") or str(root / "cache")
+    # conftest gives the session one temporary cache, where test_demo already trained the tiny family
+    cache = os.environ.get("UNIVERSAL_NEURONS_NOTEBOOK_CACHE") or os.environ["XDG_CACHE_HOME"]
     env = {"UNIVERSAL_NEURONS_DEMO": "tiny", "XDG_CACHE_HOME": cache, "UNIVERSAL_NEURONS_OUT": str(root / "out"),
            "UNIVERSAL_NEURONS_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
     old = {k: os.environ.get(k) for k in env}
