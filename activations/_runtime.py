@@ -18,6 +18,7 @@ from ._errors import UniversalNeuronsError
 __all__ = [
     "SCHEMA_VERSION",
     "pick_device",
+    "hub_reachable",
     "package_versions",
     "provenance_base",
     "to_json",
@@ -50,6 +51,21 @@ def pick_device(device: str | None = None):
             f"device {device!r} was requested but torch sees no CUDA GPU; use device='cpu' or 'auto'"
         )
     return dev
+
+
+def hub_reachable(*offline_vars: str) -> bool:
+    """Whether the Hugging Face hub can be reached: no offline switch set (HF_HUB_OFFLINE or
+    any of `offline_vars`) and huggingface.co answers within 3 seconds."""
+    for k in ("HF_HUB_OFFLINE", *offline_vars):
+        if os.environ.get(k, "0") not in ("0", "", "false", "False"):
+            return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 def package_versions() -> dict[str, str]:

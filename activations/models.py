@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 
 from ._errors import UniversalNeuronsError
-from ._runtime import package_versions, pick_device
+from ._runtime import hub_reachable, package_versions, pick_device
 
 __all__ = [
     "LoadedModel",
@@ -179,17 +179,7 @@ def _check_hub_reachable(repo: str, revision: str | None) -> None:
     cached = try_to_load_from_cache(repo, "config.json", revision=revision)
     if isinstance(cached, str):
         return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    reachable = False
-    if not offline:
-        import socket
-
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-            reachable = True
-        except OSError:
-            reachable = False
-    if not reachable:
+    if not hub_reachable():
         rev = f" --revision {revision}" if revision else ""
         raise UniversalNeuronsError(
             f"the weights of {repo}{' at ' + revision if revision else ''} are not in the local "

@@ -537,6 +537,7 @@ class AlignedSource:
         align = max(s.chunk_tokens for s in self.stores)  # powers of two: one multiple aligns all
         self.batch_tokens = max(align, (batch_tokens // align) * align)
         self.n_tokens = self.stores[0].n_tokens
+        self.t0, self.t1 = 0, self.n_tokens  # the token window a pass reads (a shard narrows it)
         self.token_set_hash = self.stores[0].token_set_hash
         self.hooks = [[hook_name(l, kind) for l in s.layers] for s in self.stores]
         self._mask = torch.from_numpy(self.stores[0].mask)
@@ -562,7 +563,7 @@ class AlignedSource:
         return [len(s.layers) * s.d_mlp for s in self.stores]
 
     def __len__(self) -> int:
-        return -(-self.n_tokens // self.batch_tokens)
+        return -(-(self.t1 - self.t0) // self.batch_tokens)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
         # stores given as paths are opened for the pass and closed after it (no lingering handles)
@@ -575,8 +576,8 @@ class AlignedSource:
                     s.close()
 
     def _batches(self, stores: list[ActivationStore]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        for a in range(0, self.n_tokens, self.batch_tokens):
-            b = min(a + self.batch_tokens, self.n_tokens)
+        for a in range(self.t0, self.t1, self.batch_tokens):
+            b = min(a + self.batch_tokens, self.t1)
             acts = []
             for s, hooks in zip(stores, self.hooks):
                 d = s.d_mlp

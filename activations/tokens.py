@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ._errors import UniversalNeuronsError
-from ._runtime import SCHEMA_VERSION, from_json, progress, provenance_base, to_json
+from ._runtime import SCHEMA_VERSION, from_json, hub_reachable, progress, provenance_base, to_json
 
 __all__ = ["TokenSetConfig", "TokenSet", "build_token_set", "load_token_set", "tokenizer_info", "newline_ids"]
 
@@ -296,15 +296,7 @@ def _read_hf(name: str, config: TokenSetConfig) -> list[str]:
     ds_name, _, ds_config = spec.partition(":")
     offline = any(os.environ.get(k, "0") not in ("0", "", "false", "False")
                   for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    reachable = False
-    if not offline:
-        import socket
-
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-            reachable = True
-        except OSError:
-            pass
+    reachable = hub_reachable("HF_DATASETS_OFFLINE")
     if not reachable:
         raise UniversalNeuronsError(
             f"cannot read Hugging Face dataset {ds_name!r}: the hub is unreachable from this machine"

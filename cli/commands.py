@@ -209,11 +209,8 @@ def _flag(a):
 # ---------------------------------------------------------------------------- run
 
 
-def _add_run(p):
-    p.add_argument("models", nargs="+", help="hub names or model directories of one seed family, reference first")
-    p.add_argument("--text", required=True, help="text file, .jsonl, folder, or hf:<dataset>")
-    p.add_argument("-o", "--out", required=True, help="output directory")
-    p.add_argument("--checkpoint", type=int, default=None, help="training step loaded for every model")
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    """What every pipeline-running subcommand (run, persistence) takes."""
     p.add_argument("--labels", default=None)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--no-cache", action="store_true", help="correlate from live models; write no activation stores")
@@ -221,29 +218,54 @@ def _add_run(p):
     p.add_argument("--overwrite", action="store_true")
     _token_args(p)
     _corr_args(p)
+
+
+def _add_run(p):
+    p.add_argument("models", nargs="+", help="hub names or model directories of one seed family, reference first")
+    p.add_argument("--steps", default=None, help="also run at these checkpoint steps and measure persistence")
+    p.add_argument("--ablation-tokens", default=None,
+                   help="held-out token set (.h5) for the ablation (default: the studied tokens)")
+    p.add_argument("--skip", default=None, help="comma-separated later stages to skip: properties,ablation,persistence,report")
+    p.add_argument("--text", required=True, help="text file, .jsonl, folder, or hf:<dataset>")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--checkpoint", type=int, default=None, help="training step loaded for every model")
+    _pipeline_args(p)
     _cluster_arg(p)
 
 
 @command("run", "the whole pipeline (tokenize, cache, correlate, flag, later stages) for models you name")(_add_run)
 def _run(a):
-    import dataclasses
-
     from universal.pipeline import PipelineConfig, run_pipeline
 
-    cluster = {}
-    if a.cluster:  # PipelineConfig.cluster: see docs/distributed.md
-        if "cluster" not in {f.name for f in dataclasses.fields(PipelineConfig)}:
-            from activations import UniversalNeuronsError
-
-            raise UniversalNeuronsError("this version's pipeline cannot run on a cluster yet; run its stages with "
-                                        "`cache --cluster` and `correlate --cluster`, then `flag`")
-        cluster = {"cluster": a.cluster}
     cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
-                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device, **cluster)
-    res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint,
-                       labels=a.labels.split(",") if a.labels else None, config=cfg, overwrite=a.overwrite)
+                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device, cluster=a.cluster)
+    stages = _later_stages(a, steps=_ints(a.steps) if a.steps else None, overwrite=a.overwrite)
+    res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint, labels=a.labels.split(",") if a.labels else None,
+                       config=cfg, overwrite=a.overwrite, extra_stages=stages)
     _print_summary(res.summary)
-    _say(f"results -> {res.out_dir}")
+    _say(f"results -> {res.out_dir}" + (f"; report -> {res.summary['report']}" if "report" in res.summary else ""))
+
+
+def _later_stages(a, *, steps, overwrite: bool) -> list:
+    """The stages after flagging, as the demo runs them; `--skip` names the ones to leave out."""
+    from activations import load_token_set
+    from universal.ablation import AblationConfig, ablation_stage
+    from universal.persistence import persistence_stage
+    from universal.properties import properties_stage
+    from universal.report import report_stage
+
+    skip = set(a.skip.split(",")) if a.skip else set()
+    stages = []
+    if "properties" not in skip:
+        stages.append(properties_stage())
+    if "ablation" not in skip:
+        held = load_token_set(a.ablation_tokens) if a.ablation_tokens else None
+        stages.append(ablation_stage(AblationConfig(), eval_tokens=held, overwrite=overwrite, device=a.device))
+    if steps and "persistence" not in skip:
+        stages.append(persistence_stage(steps=steps))
+    if "report" not in skip:
+        stages.append(report_stage)
+    return stages
 
 
 def _print_summary(summary: dict) -> None:
@@ -423,13 +445,7 @@ def _add_persistence(p):
                                                  "directories: default every saved checkpoint)")
     p.add_argument("--text", required=True, help="text file, .jsonl, folder, hf:<dataset>, or a token set (.h5)")
     p.add_argument("-o", "--out", required=True, help="output directory (checkpoints/step-<t>/, persistence/)")
-    p.add_argument("--labels", default=None)
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--no-cache", action="store_true", help="correlate from live models; write no activation stores")
-    p.add_argument("--batch-rows", type=int, default=32)
-    p.add_argument("--overwrite", action="store_true")
-    _token_args(p)
-    _corr_args(p)
+    _pipeline_args(p)
 
 
 @command("persistence", "universal neurons at several training checkpoints: persistence, partner consistency, emergence")(_add_persistence)

@@ -76,5 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover - `python -m cli.main`: use the registry of the imported module
+    from cli.main import main as _main
+
+    sys.exit(_main())

@@ -85,3 +85,20 @@ def test_live_run_at_another_checkpoint_is_not_reused(tmp_path, tokenizer):
     run_pipeline(fam, TEXT, tmp_path / "run", checkpoint=0, config=live)
     with pytest.raises(UniversalNeuronsError, match="other models, tokens or settings"):
         run_pipeline(fam, TEXT, tmp_path / "run", checkpoint=10, config=live)
+
+
+def test_cli_run_writes_every_stage(tmp_path, tokenizer, capsys):
+    from tests.conftest import make_family
+
+    fam = make_family(tmp_path / "fam", steps=(0, 10), tokenizer=tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    out = tmp_path / "run"
+    code = cli(["run", *map(str, fam), "--text", str(text), "-o", str(out), "--ctx-len", "32",
+                "--batch-rows", "8", "--threshold", "0.0", "--steps", "0,10"])
+    assert code == 0, capsys.readouterr().err
+    for f in ("universality.csv", "properties.csv", "ablation/ablation_summary.csv", "report.html"):
+        assert (out / f).exists(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"properties", "ablation", "persistence", "report"} <= set(summary)
+    assert "report ->" in capsys.readouterr().out

@@ -176,21 +176,6 @@ class _StoreWindow(AlignedSource):
                                         f"not {batch_tokens}; re-plan the shards")
         self.t0, self.t1 = b0 * batch_tokens, min(b1 * batch_tokens, self.n_tokens)
 
-    def __len__(self) -> int:
-        return -(-(self.t1 - self.t0) // self.batch_tokens)
-
-    def _batches(self, stores):  # AlignedSource._batches over [t0, t1) instead of [0, n_tokens)
-        for a in range(self.t0, self.t1, self.batch_tokens):
-            b = min(a + self.batch_tokens, self.t1)
-            acts = []
-            for s, hooks in zip(stores, self.hooks):
-                d = s.d_mlp
-                buf = np.empty((b - a, len(hooks) * d), dtype=s[hooks[0]].dtype)
-                for j, h in enumerate(hooks):
-                    s[h].read_direct(buf, np.s_[a:b], np.s_[:, j * d:(j + 1) * d])
-                acts.append(torch.from_numpy(buf).to(self.device, self.dtype))
-            yield self._mask[a:b].to(self.device), acts
-
 
 @dataclass(frozen=True)
 class _StoreShards(ShardedSource):
