@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
@@ -137,3 +138,16 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     col = got["sorted_column"]  # "excess" clicked twice: descending
     assert col and col == sorted(col, reverse=True)
     assert shot.is_file() and shot.stat().st_size > 50_000
+
+
+def test_ablation_found_when_its_recorded_dir_is_relative_to_another_cwd(tmp_path):
+    from universal.report import load_run
+
+    run = tmp_path / "run"
+    (run / "ablation").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"ablation": {"dir": "runs/elsewhere/ablation"}}))
+    pd.DataFrame({"layer": [0], "neuron": [1], "excess_corr": [0.6], "is_universal": [True]}).to_csv(
+        run / "universality.csv", index=False)
+    pd.DataFrame({"group": ["all layers"], "delta_ce": [0.1]}).to_csv(run / "ablation" / "ablation_summary.csv",
+                                                                       index=False)
+    assert load_run(run)["ablation_summary"] is not None

@@ -57,9 +57,9 @@ TINY_DEMO_CONFIG = TrainConfig(
     model=GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=64, d_vocab=4096),
     n_tokens=400_000, batch_rows=16, warmup_steps=10, n_checkpoints=4, eval_tokens=8192,
 )
-DEMO_EVAL_TOKENS = 131_072  # 512 held-out rows of 256 studied by the pipeline
+DEMO_EVAL_TOKENS = 65_536  # 256 held-out rows of 256 studied by the pipeline (131k found the same universal set)
 _VAL_TOKENS = 65_536  # first held-out tokens: validation loss during training
-_ABLATION_TOKENS = 32_768  # held-out tokens after the studied ones: ablation is measured there
+_ABLATION_TOKENS = 16_384  # held-out tokens after the studied ones: ablation is measured there
 
 
 def _cache_root() -> Path:

@@ -110,9 +110,10 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
     # universal.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
     abl_info = summary.get("ablation") if isinstance(summary.get("ablation"), dict) else {}
-    abl = d / (abl_info.get("dir") or "ablation")  # a skipped stage records dir=None
-    if not (abl / "ablation_summary.csv").exists():
-        abl = d
+    # the stage records its directory as it was given (maybe relative to another working
+    # directory, or None when skipped): look for it by name inside this run directory
+    recorded = Path(abl_info.get("dir") or "ablation")
+    abl = next((p for p in (d / recorded.name, recorded, d) if (p / "ablation_summary.csv").exists()), d)
     pers_dir = d / "persistence"
     persistence = {}
     if pers_dir.is_dir():  # file names of universal.persistence.PersistenceResult.save
