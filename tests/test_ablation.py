@@ -183,7 +183,10 @@ def test_controls_match_layer_counts_and_avoid_universal_and_dead(lm, ts, tmp_pa
         u = runs[runs.set == "universal"].iloc[0]
         c = runs[runs.set == "control"]["delta_ce"].to_numpy()
         assert g.p_value == pytest.approx((1 + (c >= u.delta_ce).sum()) / (1 + len(c)))
-        assert g.ratio_delta_ce == pytest.approx(u.delta_ce / c.mean())
+        if c.mean() > 0:
+            assert g.ratio_delta_ce == pytest.approx(u.delta_ce / c.mean())
+        else:  # "times as harmful as random" means nothing when random ablation does no harm
+            assert np.isnan(g.ratio_delta_ce)
         assert g.delta_ce_lo <= g.delta_ce <= g.delta_ce_hi and g.control_delta_ce_lo <= g.control_delta_ce_hi
     # the study's universal set gives what ablate() gives for it
     one = ablate(lm, universal, ts, cfg)

@@ -641,7 +641,7 @@ class AblationResult:
       (-1 = all), `set` ("universal" / "control"), `draw` (control index, -1 for the universal set), ...
     - `summary`: one row per group (`SUMMARY_COLUMNS`): the universal set with bootstrap intervals,
       the control mean with intervals over rows and draws, `ratio_delta_ce` (universal / control
-      mean; NaN when the control mean is 0), `p_value` = (1 + #controls with delta_ce >= universal)
+      mean; NaN unless the control mean is > 0), `p_value` = (1 + #controls with delta_ce >= universal)
       / (1 + n_controls).
     - `sets`: the neurons of every run, `[{layer: [neurons]}]` in `runs` order.
     - `row_sums`: per-row sums (`n, ce_clean, entropy_clean [row]`; `ce_ablated, kl, entropy_ablated
@@ -819,7 +819,9 @@ def _summarise(runs: pd.DataFrame, sums: _RowSums, config: AblationConfig) -> pd
             row["control_delta_ce_mean"] = float(c_dce.mean())
             row["control_delta_ce_lo"], row["control_delta_ce_hi"] = _interval(c_boot, config.ci)
             row["control_kl_mean"] = float(runs.loc[ctrl, "kl"].mean())
-            row["ratio_delta_ce"] = ur.delta_ce / row["control_delta_ce_mean"] if row["control_delta_ce_mean"] != 0 else np.nan
+            # a ratio means "times as harmful as random" only when random ablation does harm
+            row["ratio_delta_ce"] = (ur.delta_ce / row["control_delta_ce_mean"] if row["control_delta_ce_mean"] > 0
+                                     else np.nan)
             row["p_value"] = (1 + int((c_dce >= ur.delta_ce).sum())) / (1 + len(ctrl))
         else:
             row.update({k: np.nan for k in ("control_delta_ce_mean", "control_delta_ce_lo", "control_delta_ce_hi",
@@ -888,5 +890,10 @@ def _headline(res: AblationResult, out: Path) -> dict[str, Any]:
     keep = ["group", "n_neurons", "delta_ce", "delta_ce_lo", "delta_ce_hi", "control_delta_ce_mean",
             "ratio_delta_ce", "p_value"]
     return {"dir": str(out), "kind": res.provenance["kind"],
-            "groups": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
-                       for r in res.summary[keep].to_dict("records")]}
+            "groups": [{k: _plain(v) for k, v in r.items()} for r in res.summary[keep].to_dict("records")]}
+
+
+def _plain(v):
+    """A JSON value for the summary: numpy scalars unwrapped, NaN (undefined) as None."""
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and v != v else v
