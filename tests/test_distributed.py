@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -257,3 +258,76 @@ def test_pipeline_on_a_cluster_gives_the_in_process_table(client, tiny_family, t
     for c in ("is_universal", "partner_layer_b", "partner_neuron_b"):
         np.testing.assert_array_equal(local.table[c].to_numpy(), dist.table[c].to_numpy(), err_msg=c)
     np.testing.assert_allclose(local.table["excess_corr"], dist.table["excess_corr"], rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- properties and ablation
+
+
+def test_moments_merge_of_shards_equals_scipy():
+    from scipy import stats
+
+    from universal.properties import StreamingMoments
+
+    x = np.random.default_rng(0).standard_normal((301, 6)) * 0.1 + 1e3  # large mean: the shifted merge matters
+    parts = []
+    for a, b in [(0, 7), (7, 7), (7, 150), (150, 301)]:  # an empty shard too
+        acc = StreamingMoments(6)
+        for i in range(a, b, 40):
+            acc.update(x[i:min(i + 40, b)])
+        parts.append(acc)
+    merged = functools.reduce(lambda p, q: p.merge(q), parts).result()
+    assert merged["count"] == 301
+    np.testing.assert_allclose(merged["mean"], x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(merged["var"], x.var(0), rtol=1e-9)
+    np.testing.assert_allclose(merged["skew"], stats.skew(x, bias=True), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(merged["kurt"], stats.kurtosis(x, bias=True), rtol=1e-6, atol=1e-9)
+    with pytest.raises(UniversalNeuronsError, match="columns"):
+        StreamingMoments(3).merge(StreamingMoments(6))
+
+
+def test_moments_on_workers_equal_activation_moments(client, tiny_family, ts):
+    from universal.distributed import moments_distributed
+    from universal.properties import activation_moments
+
+    df0 = activation_moments(load_model(tiny_family[0], checkpoint=0), token_set=ts, batch_rows=32)
+    df1 = moments_distributed(tiny_family[0], ts, cluster=client, checkpoint=0, n_shards=3, batch_rows=32)
+    assert list(df1.columns) == list(df0.columns)
+    assert df1.attrs["moments"]["n_tokens"] == df0.attrs["moments"]["n_tokens"]
+    assert df1.attrs["moments"]["token_set_hash"] == ts.hash and len(df1.attrs["moments"]["distributed"]["shards"]) == 3
+    for c in df0.columns:
+        np.testing.assert_allclose(df1[c].to_numpy(float), df0[c].to_numpy(float), rtol=1e-9, atol=1e-12, err_msg=c)
+
+
+def test_ablation_on_workers_equals_ablation_study(client, tiny_family, ts):
+    from universal.ablation import AblationConfig, ablation_study
+    from universal.distributed import ablation_distributed
+
+    cfg = AblationConfig(kind="mean", n_controls=2, n_bootstrap=200, batch_rows=64, seed=3)
+    neurons = {0: [1, 5, 9], 1: [3, 7]}
+    r0 = ablation_study(load_model(tiny_family[0], checkpoint=0), neurons, ts, cfg)
+    r1 = ablation_distributed(tiny_family[0], neurons, ts, cfg, cluster=client, checkpoint=0, n_shards=3)
+    assert r1.sets == r0.sets and len(r1.provenance["distributed"]["shards"]) == 3
+    for k, v in r0.row_sums.items():
+        np.testing.assert_allclose(r1.row_sums[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+    num = r0.runs.select_dtypes("number").columns
+    np.testing.assert_array_equal(r1.runs.drop(columns=num).to_numpy(), r0.runs.drop(columns=num).to_numpy())
+    np.testing.assert_allclose(r1.runs[num].to_numpy(float), r0.runs[num].to_numpy(float), rtol=1e-9, atol=1e-12)
+    # same rows, same bootstrap draws: the single-process summary (bit for bit on a CPU cluster; the tolerance
+    # only admits forward passes that round differently on another device or thread count)
+    pd.testing.assert_frame_equal(r1.summary, r0.summary, check_exact=False, rtol=1e-9, atol=1e-12)
+
+
+def test_moments_and_ablation_without_cluster_run_in_process(tiny_family, ts):
+    from universal.ablation import AblationConfig, ablation_study
+    from universal.distributed import ablation_distributed, moments_distributed
+    from universal.properties import activation_moments
+
+    lm = load_model(tiny_family[0], checkpoint=0)
+    small = ts.select_rows(0, 64)
+    df = moments_distributed(tiny_family[0], small, cluster=None, checkpoint=0, kinds=("post",))
+    pd.testing.assert_frame_equal(df, activation_moments(lm, token_set=small, kinds=("post",)), check_exact=True)
+    assert "distributed" not in df.attrs["moments"]
+    cfg = AblationConfig(kind="zero", n_controls=1, n_bootstrap=20, per_layer=False)
+    r = ablation_distributed(tiny_family[0], [(0, 1), (1, 2)], small, cfg, cluster=None, checkpoint=0)
+    pd.testing.assert_frame_equal(r.runs, ablation_study(lm, [(0, 1), (1, 2)], small, cfg).runs, check_exact=True)
+    assert "distributed" not in r.provenance

@@ -361,6 +361,12 @@ class _RowSums:
     kl: np.ndarray
     entropy_ablated: np.ndarray
 
+    @classmethod
+    def concat(cls, parts: Sequence["_RowSums"]) -> "_RowSums":
+        """The row sums of consecutive row shards, in order: one `_RowSums` over all their rows."""
+        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts], axis=-1)
+                      for f in dataclasses.fields(cls)})
+
     def point(self, s: int) -> dict[str, float]:
         n = self.n.sum()
         ce_c, ce_a = self.ce_clean.sum() / n, self.ce_ablated[s].sum() / n
@@ -433,16 +439,24 @@ class _FileSink:
             self.tmp.unlink(missing_ok=True)
 
 
-def _evaluate(lm: LoadedModel, ts: TokenSet, hook_sets: Sequence[dict[int, Callable] | None], *, batch_rows: int,
-              sink=None, desc: str = "ablation", progress_bar: bool | None = None) -> _RowSums:
-    """One clean forward pass per batch, shared by one ablated pass per set (an empty set reuses the clean one)."""
-    S, R = len(hook_sets), ts.n_rows
-    counted_all = counted_predictions(ts.mask)
-    if not counted_all.any():
+def _check_counted(counted: np.ndarray) -> None:
+    if not counted.any():
         raise UniversalNeuronsError(
             "the token set has no counted predictions: a prediction is counted where a position and the next one are "
             "both masked-in, and the mask excludes every such pair; rebuild the token set with a laxer mask "
             "(e.g. exclude_newlines=False) or on more text")
+
+
+def _evaluate(lm: LoadedModel, ts: TokenSet, hook_sets: Sequence[dict[int, Callable] | None], *, batch_rows: int,
+              sink=None, desc: str = "ablation", progress_bar: bool | None = None,
+              require_counted: bool = True) -> _RowSums:
+    """One clean forward pass per batch, shared by one ablated pass per set (an empty set reuses the clean one).
+
+    `require_counted=False` for a row shard: the whole token set was checked by the driver."""
+    S, R = len(hook_sets), ts.n_rows
+    counted_all = counted_predictions(ts.mask)
+    if require_counted:
+        _check_counted(counted_all)
     sums = _RowSums(n=counted_all.sum(1).astype(np.float64), ce_clean=np.zeros(R), entropy_clean=np.zeros(R),
                     ce_ablated=np.zeros((S, R)), kl=np.zeros((S, R)), entropy_ablated=np.zeros((S, R)))
     bar = progress(total=R * S, desc=desc, unit="row-set", enabled=progress_bar)
@@ -728,6 +742,46 @@ def ablation_study(lm: LoadedModel, table_or_neurons, token_set: TokenSet, confi
     **Returns** `AblationResult`.
     """
     _check_tokens(lm, token_set)
+    labels, sets, meta = _study_sets(lm, table_or_neurons, config)
+    batch_rows = _auto_batch_rows(lm, token_set, config.batch_rows)
+    if store is not None and config.kind == "mean":
+        with _opened(store) as st:
+            if (st.n_layers, st.d_mlp) != (lm.n_layers, lm.d_mlp):
+                raise UniversalNeuronsError(f"the store {st.path} holds a model with {st.n_layers} layers x {st.d_mlp} "
+                                            f"neurons, {lm.name} has {lm.n_layers} x {lm.d_mlp}; pass that model's store")
+            if st.model.get("resolved") != lm.provenance.get("resolved") or st.model.get("checkpoint") != lm.provenance.get("checkpoint"):
+                log.warning("the store %s was cached from %s (checkpoint %s), not %s (checkpoint %s)", st.path,
+                            st.model.get("name"), st.model.get("checkpoint"), lm.name, lm.provenance.get("checkpoint"))
+            mv = _means_for(lm, token_set, config, None, st, batch_rows)
+        means_source = f"store {Path(st.path).resolve()}"
+    else:
+        mv, means_source = _study_means(lm, token_set, config, means, batch_rows)
+    for s in sets:
+        _check_means(mv, s)
+    prov = _provenance(lm, token_set, config, means_source)
+    sink = None
+    if per_token_path is not None:
+        sink = _FileSink(Path(per_token_path), len(sets), token_set, labels, {"provenance": to_json(prov)}, overwrite,
+                         batch_rows)
+    log.info("ablating %d sets (%d groups x (1 + %d controls)) over %d rows", len(sets), len(sets) // (1 + config.n_controls),
+             config.n_controls, token_set.n_rows)
+    ok = False
+    try:
+        sums = _evaluate_sets(lm, token_set, sets, config, mv, batch_rows=batch_rows, sink=sink,
+                              progress_bar=progress_bar)
+        ok = True
+    finally:
+        if sink is not None:
+            sink.close(ok)
+    return _study_result(sums, sets, meta, config, prov)
+
+
+def _study_sets(lm: LoadedModel, table_or_neurons,
+                config: AblationConfig) -> tuple[list[str], list[Neurons], list[tuple[str, int, str, int]]]:
+    """Every set of the study, in `runs` order: per group the universal set, then its seeded controls.
+
+    **Returns** `(labels, sets, meta)`, `meta[i] = (group, layer, 'universal' | 'control', draw)`.
+    """
     universal, pool = _split_table(table_or_neurons, lm, config.controls_exclude_dead)
     if not universal:
         raise UniversalNeuronsError("the neuron set is empty (no neuron is flagged universal); nothing to ablate. "
@@ -745,37 +799,29 @@ def ablation_study(lm: LoadedModel, table_or_neurons, token_set: TokenSet, confi
             labels.append(f"{name}/control {k}")
             sets.append(c)
             meta.append((name, layer, "control", k))
-    batch_rows = _auto_batch_rows(lm, token_set, config.batch_rows)
-    if store is not None and config.kind == "mean":
-        with _opened(store) as st:
-            if (st.n_layers, st.d_mlp) != (lm.n_layers, lm.d_mlp):
-                raise UniversalNeuronsError(f"the store {st.path} holds a model with {st.n_layers} layers x {st.d_mlp} "
-                                            f"neurons, {lm.name} has {lm.n_layers} x {lm.d_mlp}; pass that model's store")
-            if st.model.get("resolved") != lm.provenance.get("resolved") or st.model.get("checkpoint") != lm.provenance.get("checkpoint"):
-                log.warning("the store %s was cached from %s (checkpoint %s), not %s (checkpoint %s)", st.path,
-                            st.model.get("name"), st.model.get("checkpoint"), lm.name, lm.provenance.get("checkpoint"))
-            mv = _means_for(lm, token_set, config, None, st, batch_rows)
-        means_source = f"store {Path(st.path).resolve()}"
-    else:
-        mv = _means_for(lm, token_set, config, means, None, batch_rows)
-        means_source = None if mv is None else ("given" if means is not None else f"streamed over token set {token_set.hash[:12]}")
-    for s in sets:
-        _check_means(mv, s)
-    prov = _provenance(lm, token_set, config, means_source)
-    sink = None
-    if per_token_path is not None:
-        sink = _FileSink(Path(per_token_path), len(sets), token_set, labels, {"provenance": to_json(prov)}, overwrite,
-                         batch_rows)
-    log.info("ablating %d sets (%d groups x (1 + %d controls)) over %d rows", len(sets), len(groups),
-             config.n_controls, token_set.n_rows)
-    ok = False
-    try:
-        sums = _evaluate(lm, token_set, [_hooks_for(s, config.kind, config.value, mv, lm.device) for s in sets],
-                         batch_rows=batch_rows, sink=sink, desc="ablation study", progress_bar=progress_bar)
-        ok = True
-    finally:
-        if sink is not None:
-            sink.close(ok)
+    return labels, sets, meta
+
+
+def _study_means(lm: LoadedModel, token_set: TokenSet, config: AblationConfig, means: np.ndarray | None,
+                 batch_rows: int) -> tuple[np.ndarray | None, str | None]:
+    """Means for kind='mean' (given, else streamed over `token_set`) and where they came from."""
+    mv = _means_for(lm, token_set, config, means, None, batch_rows)
+    source = None if mv is None else ("given" if means is not None else f"streamed over token set {token_set.hash[:12]}")
+    return mv, source
+
+
+def _evaluate_sets(lm: LoadedModel, ts: TokenSet, sets: Sequence[Neurons], config: AblationConfig,
+                   means: np.ndarray | None, *, batch_rows: int, sink=None, progress_bar: bool | None = None,
+                   require_counted: bool = True) -> _RowSums:
+    """Per-row sums `[set, row]` of ablating each of `sets` on the rows of `ts` (a whole set or a row shard)."""
+    return _evaluate(lm, ts, [_hooks_for(s, config.kind, config.value, means, lm.device) for s in sets],
+                     batch_rows=batch_rows, sink=sink, desc="ablation study", progress_bar=progress_bar,
+                     require_counted=require_counted)
+
+
+def _study_result(sums: _RowSums, sets: Sequence[Neurons], meta: Sequence[tuple[str, int, str, int]],
+                  config: AblationConfig, prov: dict[str, Any]) -> AblationResult:
+    """Runs, summary (bootstrap over rows) and the saved row sums, from the per-row sums of every set."""
     runs = pd.DataFrame([{"group": g, "layer": l, "set": kind, "draw": d, "n_neurons": _count(s), **sums.point(i)}
                          for i, ((g, l, kind, d), s) in enumerate(zip(meta, sets))], columns=RUN_COLUMNS)
     summary = _summarise(runs, sums, config)

@@ -7,6 +7,11 @@ Work is split by *token shards*: contiguous runs of whole batches (or rows), eac
                             as one process, `merge_partials`) and `finalize`s each block
     cache_distributed       task (shard s) -> its own activation store of rows [r0, r1);
                             the driver stitches them into one store of HDF5 virtual datasets
+    moments_distributed     task (shard s) -> a StreamingMoments per (layer, kind) of rows [r0, r1);
+                            the driver merges them in shard order (`StreamingMoments.merge`)
+    ablation_distributed    task (shard s) -> per-row sums of every ablated set on rows [r0, r1); the
+                            driver draws the sets and means once, concatenates rows in shard order and
+                            builds the study's runs, summary and bootstrap as one process does
 
 Every task is keyed by its shard (and block), so a worker killed mid-task is simply re-run by
 the scheduler (`distributed.scheduler.allowed-failures`, default 3) and every partial is merged
@@ -61,6 +66,8 @@ __all__ = [
     "correlate_distributed",
     "cache_distributed",
     "stitch_stores",
+    "moments_distributed",
+    "ablation_distributed",
 ]
 
 log = logging.getLogger("universal_neurons")
@@ -517,3 +524,141 @@ def stitch_stores(shards: Sequence[str | os.PathLike], token_set: TokenSet, path
         for s in opened:
             s.close()
     return path
+
+
+# ----------------------------------------------------------------------------- properties and ablation
+
+
+def _row_shards(token_set: TokenSet, batch_rows: int, n_shards: int) -> list[tuple[int, int]]:
+    """Row ranges on whole forward batches, so every shard runs the batches one process would."""
+    n_batches = -(-token_set.n_rows // batch_rows)
+    return [(b0 * batch_rows, min(b1 * batch_rows, token_set.n_rows)) for b0, b1 in shard_ranges(n_batches, n_shards)]
+
+
+def _gather_in_order(client, futures: list) -> Iterator[Any]:
+    """Each shard's result once, in shard order (deterministic whatever finishes first); releases as it goes."""
+    try:
+        for fut in futures:
+            part = fut.result()
+            fut.release()
+            yield part
+    finally:
+        client.cancel(futures)
+
+
+def _moments_task(m: _ModelSpec, ts: TokenSet, kinds: tuple[str, ...], batch_rows: int, device, shard: int,
+                  hook: Callable | None):
+    from .properties import _moments_live
+
+    set_progress(False)
+    if hook is not None:
+        hook(shard, 0)
+    accs, _, _, _ = _moments_live(_worker_model(m, device), ts, kinds, batch_rows, False)
+    return accs
+
+
+def moments_distributed(model: str | os.PathLike, token_set: TokenSet, *, cluster=None, checkpoint: int | None = None,
+                        process_weights: bool = True, kinds: Sequence[str] = ("pre", "post"),
+                        n_shards: int | None = None, batch_rows: int = 32, dtype: str = "float32",
+                        device: str | None = None, _task_hook: Callable | None = None):
+    """`activation_moments` of a live model split over token-row shards.
+
+    Each task runs `model` (loaded once per worker, on its own device) over its rows and returns a
+    `StreamingMoments` per `(layer, kind)`; the driver merges them in shard order with the exact
+    pairwise formulas, so the moments equal one pass over all rows up to float64 merge order.
+
+    **Arguments:**
+    - `model`, `checkpoint`, `process_weights`, `dtype`, `device`: as for `cache_distributed`.
+    - `token_set`, `kinds`, `batch_rows`: as for `activation_moments`; shards are whole batches.
+    - `cluster`: see `connect`; None runs `activation_moments` in process.
+    - `n_shards`: default 2 per worker.
+
+    **Returns** the DataFrame `activation_moments` returns (`[layer*d_mlp rows]`), with
+    `df.attrs['moments']['distributed']` = `{workers, shards}` (row ranges).
+    """
+    from .properties import _check_live, _moments_frame, activation_moments
+
+    kinds = tuple(kinds)
+    if not kinds or set(kinds) - {"pre", "post"}:
+        raise UniversalNeuronsError(f"kinds must name 'pre' and/or 'post', got {kinds!r}")
+    if not isinstance(batch_rows, int) or batch_rows < 1:
+        raise UniversalNeuronsError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+    m = _ModelSpec(os.fspath(model), checkpoint, process_weights, dtype)
+    if cluster is None:
+        return activation_moments(_worker_model(m, device), token_set=token_set, kinds=kinds, batch_rows=batch_rows)
+    lm = _worker_model(m, "cpu")  # on the driver: checks the token set fits, and names the model in the result
+    _check_live(lm, token_set)
+    with using_cluster(cluster) as client:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        shards = _row_shards(token_set, batch_rows, n_shards or 2 * n_workers)
+        run = uuid.uuid4().hex[:8]
+        futures = [client.submit(_moments_task, m, token_set.select_rows(r0, r1), kinds, batch_rows, device, s,
+                                 _task_hook, key=f"moments-{run}-shard{s}", pure=False)
+                   for s, (r0, r1) in enumerate(shards)]
+        log.info("moments of %s on %d worker(s): %d shard(s)", m.spec, n_workers, len(shards))
+        accs = None
+        for part in _gather_in_order(client, futures):
+            accs = part if accs is None else {k: accs[k].merge(v) for k, v in part.items()}
+    info = {"source": "live", "model": lm.provenance, "token_set_hash": token_set.hash,
+            "distributed": {"workers": n_workers, "shards": shards}}
+    return _moments_frame(accs, list(range(lm.n_layers)), lm.d_mlp, kinds, info)
+
+
+def _ablation_task(m: _ModelSpec, ts: TokenSet, sets, config, means, batch_rows: int, device, shard: int,
+                   hook: Callable | None):
+    from .ablation import _evaluate_sets
+
+    set_progress(False)
+    if hook is not None:
+        hook(shard, 0)
+    return _evaluate_sets(_worker_model(m, device), ts, sets, config, means, batch_rows=batch_rows,
+                          progress_bar=False, require_counted=False)
+
+
+def ablation_distributed(model: str | os.PathLike, table_or_neurons, token_set: TokenSet, config=None, *,
+                         cluster=None, checkpoint: int | None = None, process_weights: bool = True,
+                         n_shards: int | None = None, means: np.ndarray | None = None, dtype: str = "float32",
+                         device: str | None = None, _task_hook: Callable | None = None):
+    """`ablation_study` split over token-row shards.
+
+    The driver loads `model` once (CPU) to draw the universal and control sets (the config's
+    seed) and, for kind='mean', to stream the means over `token_set` unless `means` is given; every
+    task then ablates those same sets with those same means on its rows and returns per-row sums.
+    Rows are concatenated in shard order and the runs, summary and row bootstrap are those of one
+    process, so the result equals `ablation_study` up to forward-pass rounding.
+
+    **Arguments:**
+    - `model`, `checkpoint`, `process_weights`, `dtype`, `device`: as for `cache_distributed`.
+    - `table_or_neurons`, `token_set`, `config`, `means`: as for `ablation_study`.
+    - `cluster`: see `connect`; None runs `ablation_study` in process.
+    - `n_shards`: default 2 per worker; shards are whole forward batches.
+
+    **Returns** `AblationResult`; `provenance['distributed']` = `{workers, shards}` (row ranges).
+    """
+    from .ablation import (AblationConfig, _RowSums, _auto_batch_rows, _check_counted, _check_means, _check_tokens,
+                           _provenance, _study_means, _study_result, _study_sets, ablation_study, counted_predictions)
+
+    config = config or AblationConfig()
+    m = _ModelSpec(os.fspath(model), checkpoint, process_weights, dtype)
+    if cluster is None:
+        return ablation_study(_worker_model(m, device), table_or_neurons, token_set, config, means=means)
+    lm = _worker_model(m, "cpu")
+    _check_tokens(lm, token_set)
+    _check_counted(counted_predictions(token_set.mask))
+    _, sets, meta = _study_sets(lm, table_or_neurons, config)
+    batch_rows = _auto_batch_rows(lm, token_set, config.batch_rows)
+    mv, means_source = _study_means(lm, token_set, config, means, batch_rows)
+    for s in sets:
+        _check_means(mv, s)
+    with using_cluster(cluster) as client:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        shards = _row_shards(token_set, batch_rows, n_shards or 2 * n_workers)
+        run = uuid.uuid4().hex[:8]
+        futures = [client.submit(_ablation_task, m, token_set.select_rows(r0, r1), sets, config, mv,
+                                 batch_rows, device, s, _task_hook, key=f"ablation-{run}-shard{s}", pure=False)
+                   for s, (r0, r1) in enumerate(shards)]
+        log.info("ablating %d sets of %s on %d worker(s): %d shard(s)", len(sets), m.spec, n_workers, len(shards))
+        sums = _RowSums.concat(list(_gather_in_order(client, futures)))
+    prov = _provenance(lm, token_set, config, means_source)
+    prov["distributed"] = {"workers": n_workers, "shards": shards}
+    return _study_result(sums, sets, meta, config, prov)

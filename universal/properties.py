@@ -113,30 +113,51 @@ class StreamingMoments:
         self.positive = torch.zeros(n_columns, dtype=torch.int64)
 
     def update(self, x: torch.Tensor | np.ndarray) -> None:
-        """Add a batch `x: Float[Tensor, "token neuron"]` (already masked)."""
+        """Add a batch `x: Float[Tensor, "token neuron"]` (already masked): its own moments, merged in."""
         x = torch.as_tensor(x).to(torch.float64)
-        nb = x.shape[0]
-        if nb == 0:
+        if x.shape[0] == 0:
             return
         mb = x.mean(0)
         d = x - mb
         d2 = d * d
-        m2b, m3b, m4b = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
-        self.positive += (x > 0).sum(0).to("cpu", torch.int64)
-        mb, m2b, m3b, m4b = (t.cpu() for t in (mb, m2b, m3b, m4b))
-        na, n = float(self.n), float(self.n + nb)
-        nbf = float(nb)
-        delta = mb - self.mean
-        # Pébay (2008) eq. 2.1-2.3, with a = running, b = batch
-        m4 = (self.m4 + m4b + delta ** 4 * na * nbf * (na * na - na * nbf + nbf * nbf) / n ** 3
-              + 6 * delta ** 2 * (na * na * m2b + nbf * nbf * self.m2) / n ** 2
-              + 4 * delta * (na * m3b - nbf * self.m3) / n)
-        m3 = (self.m3 + m3b + delta ** 3 * na * nbf * (na - nbf) / n ** 2
-              + 3 * delta * (na * m2b - nbf * self.m2) / n)
-        self.m2 = self.m2 + m2b + delta ** 2 * na * nbf / n
+        batch = StreamingMoments(x.shape[1])
+        batch.n = int(x.shape[0])
+        batch.mean, batch.m2, batch.m3, batch.m4 = (t.cpu() for t in (mb, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)))
+        batch.positive = (x > 0).sum(0).to("cpu", torch.int64)
+        self.merge(batch)
+
+    def merge(self, other: "StreamingMoments") -> "StreamingMoments":
+        """Fold in the moments of other tokens (another batch, or another worker's token shard); in place.
+
+        Pébay (2008) eq. 2.1-2.3 / Chan et al. for the central sums, exact up to float64 rounding,
+        so a merge of shard partials equals one pass over all tokens up to merge order.
+
+        **Returns** `self`.
+        """
+        if other.mean.shape != self.mean.shape:
+            raise UniversalNeuronsError(f"cannot merge moments of {other.mean.shape[0]} columns into moments of "
+                                        f"{self.mean.shape[0]}; merge partials of the same neurons")
+        if other.n == 0:
+            return self
+        if self.n == 0:  # nothing to combine: copy, so a single partial is returned bit for bit
+            self.n, self.positive = other.n, other.positive.clone()
+            self.mean, self.m2, self.m3, self.m4 = (t.clone() for t in (other.mean, other.m2, other.m3, other.m4))
+            return self
+        na, nb = float(self.n), float(other.n)
+        n = na + nb
+        delta = other.mean - self.mean
+        # a = self, b = other
+        m4 = (self.m4 + other.m4 + delta ** 4 * na * nb * (na * na - na * nb + nb * nb) / n ** 3
+              + 6 * delta ** 2 * (na * na * other.m2 + nb * nb * self.m2) / n ** 2
+              + 4 * delta * (na * other.m3 - nb * self.m3) / n)
+        m3 = (self.m3 + other.m3 + delta ** 3 * na * nb * (na - nb) / n ** 2
+              + 3 * delta * (na * other.m2 - nb * self.m2) / n)
+        self.m2 = self.m2 + other.m2 + delta ** 2 * na * nb / n
         self.m3, self.m4 = m3, m4
-        self.mean = self.mean + delta * nbf / n
-        self.n += nb
+        self.mean = self.mean + delta * nb / n
+        self.n += other.n
+        self.positive = self.positive + other.positive
+        return self
 
     def result(self) -> dict[str, np.ndarray]:
         """`{count, mean, var, skew, kurt, frequency}`, each `[neuron]` (count is a scalar).
@@ -260,6 +281,12 @@ def activation_moments(
         accs, layers, d, info = _moments_live(source, token_set, kinds, batch_rows, progress_bar)
     else:
         accs, layers, d, info = _moments_store(source, token_set, kinds, batch_rows, progress_bar)
+    return _moments_frame(accs, layers, d, kinds, info)
+
+
+def _moments_frame(accs: Mapping[tuple[int, str], StreamingMoments], layers: Sequence[int], d: int,
+                   kinds: Sequence[str], info: dict[str, Any]) -> pd.DataFrame:
+    """The table `activation_moments` returns, from finished `{(layer, kind): StreamingMoments}`."""
     cols: dict[str, Any] = {"layer": np.repeat(layers, d), "neuron": np.tile(np.arange(d), len(layers))}
     for kind in kinds:
         res = [accs[(l, kind)].result() for l in layers]
@@ -273,13 +300,17 @@ def activation_moments(
     return df
 
 
-def _moments_live(lm, token_set, kinds, batch_rows, progress_bar):
+def _check_live(lm, token_set) -> None:
     if token_set is None:
         raise UniversalNeuronsError("activation moments of a live model need a token_set (the rows to run)")
     if token_set.ctx_len > lm.n_ctx or int(token_set.ids.max()) >= lm.d_vocab:
         raise UniversalNeuronsError(f"the token set (ctx_len {token_set.ctx_len}, max id {int(token_set.ids.max())}) "
                                     f"does not fit {lm.name} (n_ctx {lm.n_ctx}, d_vocab {lm.d_vocab}); build it "
                                     "with this model's tokenizer and ctx_len <= n_ctx")
+
+
+def _moments_live(lm, token_set, kinds, batch_rows, progress_bar):
+    _check_live(lm, token_set)
     layers, d = list(range(lm.n_layers)), lm.d_mlp
     accs = {(l, k): StreamingMoments(d) for l in layers for k in kinds}
     bar = progress(total=token_set.n_tokens, desc=f"moments {lm.name}", unit="tok", unit_scale=True,
