@@ -1,7 +1,6 @@
 """Baselines: Haar rotations, seeded streams, and the rotation identity against numpy."""
 
 import numpy as np
-import pytest
 import torch
 
 from universal.baselines import (

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -17,7 +16,7 @@ from activations import UniversalNeuronsError, load_model
 from activations.store import (ActivationStore, LiveSource, StoreConfig, cache_activations, iter_aligned,
                                preflight_cache, store_filename)
 from activations.tokens import TokenSet, TokenSetConfig, build_token_set
-from conftest import SAMPLE_TEXT, make_family
+from conftest import SAMPLE_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = SAMPLE_TEXT.split("\n\n") * 4
