@@ -44,11 +44,16 @@ def _data(kind, rng, T=2000):
     elif kind == "sparse":       # mostly zero, like post-GELU firing
         x = np.where(rng.random((T, 48)) < 0.05, rng.exponential(3.0, (T, 48)), 0.0)
         x[:5, :] = 1.0           # every neuron fires at least once
+    elif kind == "sorted_large_mean":  # tokens ordered by neuron 0: each batch's first rows are its extremes
+        x = base + 1e4
     else:
         x = base
     y = 0.7 * x[:, rng.permutation(48)] + 0.5 * rng.standard_normal((T, 48))
-    if kind == "large_mean":
+    if kind in ("large_mean", "sorted_large_mean"):
         y = y - 3e4
+    if kind == "sorted_large_mean":
+        order = np.argsort(x[:, 0])
+        x, y = x[order], y[order]
     return x.astype(np.float32), y.astype(np.float32)
 
 
@@ -57,7 +62,7 @@ def _numpy_corr(x, y, mask):
     return np.corrcoef(x.T, y.T)[: x.shape[1], x.shape[1]:]
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "large_mean", "student_t", "sparse"])
+@pytest.mark.parametrize("kind", ["gaussian", "large_mean", "sorted_large_mean", "student_t", "sparse"])
 def test_matches_numpy_corrcoef(kind, tmp_path):
     rng = np.random.default_rng(1)
     x, y = _data(kind, rng)

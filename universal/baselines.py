@@ -68,11 +68,14 @@ def haar_orthogonal(d: int, *, seed: int) -> torch.Tensor:
 
     **Returns:** float64 tensor `[d, d]` with Q Q^T = I.
     """
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.standard_normal((d, d)))
-    signs = np.sign(np.diag(r))
+    g = torch.from_numpy(np.random.default_rng(seed).standard_normal((d, d)))
+    # LAPACK's Householder QR (geqrf, then orgqr for Q), as numpy.linalg.qr does; torch's
+    # build of it is ~1.5x faster here, and the finish of a correlation run waits on it
+    h, tau = torch.geqrf(g)
+    q = torch.linalg.householder_product(h, tau)
+    signs = torch.sign(torch.diagonal(h))
     signs[signs == 0] = 1.0
-    return torch.from_numpy(q * signs[None, :])
+    return q * signs[None, :]
 
 
 def rotation_matrices(label: str, n_layers: int, d_mlp: int, *, seed: int) -> torch.Tensor:

@@ -234,22 +234,77 @@ class _Moments:
         return self
 
 
-def _centre(t: torch.Tensor, out: torch.Tensor | None = None, *, want_m2: bool = True):
-    """Centre `t` [token, unit] (any float dtype) by its batch mean, into float32.
+class _Workspace:
+    """Batch buffers reused from one batch to the next (`ws(name, shape, dtype)`).
 
-    Returns (c, mean_b, resid, m2_b): c = t - (float32 mean estimate); `resid` = the
-    exact mean of c (float64, tiny), so sum(c c^T) - n resid resid^T is the exact
-    co-moment about the batch mean; mean_b = estimate + resid; m2_b = that co-moment's
-    diagonal (None unless `want_m2`).
+    Two CPU facts shape the per-batch code. A fresh `[token, neuron]` tensor per batch is
+    handed back to the OS when freed and page-faulted in again on the next batch, which took
+    longer than the arithmetic on it. And elementwise ops that mix dtypes (fp16 with fp32,
+    fp32 into float64) are not vectorised on CPU, while `copy_` between dtypes is; so a dtype
+    change is a `copy_` into a buffer of the target dtype, then same-dtype ops.
     """
-    n = t.shape[0]
-    est = t.sum(0, dtype=torch.float32).div_(n)
-    c = torch.sub(t, est, out=out) if out is not None else torch.sub(t, est)
-    resid = c.sum(0).double().div_(n)
-    m2 = None
-    if want_m2:
-        m2 = ((c * c).sum(0).double() - n * resid ** 2).clamp_min_(0.0)
-    return c, est.double() + resid, resid, m2
+
+    def __init__(self, device):
+        self.device, self.bufs = device, {}
+
+    def __call__(self, name: str, shape, dtype, *, capacity: int = 0) -> torch.Tensor:
+        """A tensor of `shape`, contents undefined: the first `shape[0]` rows of a kept buffer
+        of at least `capacity` rows (pass the batch length, so masks that let through a few
+        more tokens than the last batch reuse the buffer)."""
+        shape = tuple(int(s) for s in shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.dtype != dtype or tuple(buf.shape[1:]) != shape[1:] or buf.shape[0] < shape[0]:
+            self.bufs.pop(name, None)
+            rows = max(shape[0], int(capacity))
+            buf = self.bufs[name] = torch.empty((rows,) + shape[1:], dtype=dtype, device=self.device)
+        return buf[:shape[0]]
+
+
+_TILE_ROWS = 512  # elementwise work runs on [512, units] float32 tiles, which stay in cache
+
+
+def _centre_into(t: torch.Tensor, idx, out: torch.Tensor, ws: _Workspace, *, want_m2: bool):
+    """out <- t[idx] - shift (`idx` None = every row of `t`), tile by tile; float64 moments.
+
+    `out` is float32, or bf16 (the GEMM operand: tiles are centred in float32, then cast).
+    `shift` is the float32 mean of every 16th token of the batch (spread over all its
+    sequences and positions), a guess of the batch mean that costs a sixteenth of a pass and
+    depends on nothing but the batch (so token shards process each batch exactly as one
+    pass does). Returns (mean_b, resid, m2_b): `resid` = the exact mean
+    of the float32 centred values (float64), so sum(c c^T) - n resid resid^T is the exact
+    co-moment about the batch mean whatever the guess; mean_b = shift + resid; m2_b = that
+    co-moment's diagonal (None unless `want_m2`).
+
+    Gathering, converting, centring, summing and casting a cache-sized tile at a time reads
+    the source once and writes `out` once; whole-batch ops would stream every intermediate
+    through main memory (about twice the time on CPU).
+    """
+    n, w = out.shape
+    f32, f64 = torch.float32, torch.float64
+    sample = torch.arange(0, n, 16, device=t.device) if idx is None else idx[::16]
+    shift = t.index_select(0, sample).to(f32).mean(0)
+    direct = out.dtype == f32  # centre straight into `out`; else into a float32 tile, then cast
+    n_tiles = -(-n // _TILE_ROWS)
+    sums = ws(f"sums{w}", (n_tiles, w), f32)       # per-tile float32 sums, added in float64 at the end
+    squares = ws(f"squares{w}", (n_tiles, w), f32) if want_m2 else None
+    for i, a in enumerate(range(0, n, _TILE_ROWS)):
+        b = min(n, a + _TILE_ROWS)
+        tile = out[a:b] if direct else ws(f"tile{w}", (b - a, w), f32)
+        if idx is None:
+            tile.copy_(t[a:b])
+        elif t.dtype == f32 and tile.is_contiguous():
+            torch.index_select(t, 0, idx[a:b], out=tile)
+        else:
+            tile.copy_(torch.index_select(t, 0, idx[a:b], out=ws(f"gather{w}", (b - a, w), t.dtype)))
+        tile.sub_(shift)
+        torch.sum(tile, 0, out=sums[i])
+        if want_m2:
+            torch.sum(torch.mul(tile, tile, out=ws(f"square{w}", (b - a, w), f32)), 0, out=squares[i])
+        if not direct:
+            out[a:b].copy_(tile)
+    resid = sums.sum(0, dtype=f64).div_(n)
+    m2 = None if squares is None else (squares.sum(0, dtype=f64) - n * resid ** 2).clamp_min_(0.0)
+    return shift.double() + resid, resid, m2
 
 
 def _merge_mean(mom: "_Moments", n_old: int, n_b: int, mean_b) -> torch.Tensor:
@@ -313,11 +368,6 @@ class CorrelationPartial:
         self.sigma = ([torch.zeros(l.n_layers, l.d_mlp, l.d_mlp, **f64) for l in layouts[1:]]
                       if want_sigma else None)
 
-    # -- helpers ------------------------------------------------------------
-    def _low(self, t):
-        """GEMM operand in the configured precision (bf16 after centring keeps the error ~1e-3)."""
-        return t.bfloat16() if self.config.precision == "bf16" else t
-
     def to(self, device) -> "CorrelationPartial":
         """Move every accumulator to `device` (in place; returns self)."""
         device = torch.device(device)
@@ -336,77 +386,95 @@ class CorrelationPartial:
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     # -- one batch ----------------------------------------------------------
-    def update(self, batch_index: int, mask: torch.Tensor, acts: list[torch.Tensor]) -> int:
+    def update(self, batch_index: int, mask: torch.Tensor, acts: list[torch.Tensor],
+               ws: _Workspace | None = None) -> int:
+        """Merge one batch (`mask` [token], `acts` per model [token, neuron]); returns its masked-in count.
+
+        `ws` keeps the batch buffers between calls (`accumulate` passes one per pass).
+        """
         dev, cfg = self.device, self.config
-        idx = torch.nonzero(mask.to(dev), as_tuple=True)[0]
-        n_b = int(idx.numel())
+        ws = _Workspace(dev) if ws is None else ws
+        mask = mask.to(dev)
+        n_b = int(mask.sum())
         if n_b == 0:
             return 0
-        full = n_b == mask.shape[0]
-
-        def rows(t):  # masked-in tokens, still in the source's dtype (fp16 converts during centring)
-            t = t.to(dev, non_blocking=True)
-            return t if full else t.index_select(0, idx)
-
+        idx = None if n_b == mask.shape[0] else torch.nonzero(mask, as_tuple=True)[0]
+        f32, f64 = torch.float32, torch.float64
+        low = torch.bfloat16 if cfg.precision == "bf16" else f32  # GEMM operand dtype
         n_old, n_other = self.n, self.offsets[-1]
         coef = n_old * n_b / (n_old + n_b)
         # second moments are the same on every pass: only the first pass computes them
         first = self.n_pass == 0
-        m2_from_sigma = self.sigma is not None and cfg.precision != "bf16"
+        m2_from_sigma = self.sigma is not None and low == f32
+
+        def centre(k, out, want_m2):
+            return _centre_into(acts[k].to(dev, non_blocking=True), idx, out, ws, want_m2=want_m2)
+
+        def as64(name, t):
+            return ws(name, t.shape, f64).copy_(t)
+
         # reference: centred once, reused for every m and every baseline
-        xc, mean_b, rx, m2x = _centre(rows(acts[0]), want_m2=first)
+        cap = mask.shape[0]
+        x = ws("x", (n_b, self.widths[0]), low, capacity=cap)
+        mean_b, rx, m2x = centre(0, x, first)
         dx = _merge_mean(self.moments[0], n_old, n_b, mean_b)
         if first:
             _merge_m2(self.moments[0], n_old, n_b, m2x, dx)
-        xb = self._low(xc[:, self.i0:self.i1])
+        xb = x[:, self.i0:self.i1]
         dx, rx = dx[self.i0:self.i1], rx[self.i0:self.i1]
 
-        Y = torch.empty(n_b, n_other, dtype=torch.float32, device=dev)  # [token, all m neurons], centred
+        Yg = ws("Y", (n_b, n_other), low, capacity=cap)  # [token, all m neurons], centred, GEMM operand
         dy, ry, m2y = [], [], []
         for k in range(1, len(self.layouts)):
             sl = slice(self.offsets[k - 1], self.offsets[k])
-            _, mean_b, r, m2 = _centre(rows(acts[k]), out=Y[:, sl], want_m2=first and not m2_from_sigma)
+            mean_b, r, m2 = centre(k, Yg[:, sl], first and not m2_from_sigma)
             dy.append(_merge_mean(self.moments[k], n_old, n_b, mean_b))
             ry.append(r)
             m2y.append(m2)
-        Yg = self._low(Y)
-        _merge_cross(self.C, xb.T @ Yg, coef, dx, torch.cat(dy), shift=(rx, torch.cat(ry), n_b))
+        G = torch.mm(xb.T, Yg, out=ws("G", (xb.shape[1], n_other), low))
+        _merge_cross(self.C, as64("G64", G), coef, dx, torch.cat(dy), shift=(rx, torch.cat(ry), n_b))
 
         for k, lay in enumerate(self.layouts[1:]):
             if self.sigma is not None:  # within-layer Σ_y of m, for the rotation identity
                 d, o = lay.d_mlp, self.offsets[k]
-                g = torch.stack([Yg[:, o + l * d:o + (l + 1) * d].T @ Yg[:, o + l * d:o + (l + 1) * d]
-                                 for l in range(lay.n_layers)])               # [layer, d, d]
+                g = ws(f"sigma{k}", (lay.n_layers, d, d), low)
+                for l in range(lay.n_layers):
+                    s = Yg[:, o + l * d:o + (l + 1) * d]
+                    torch.mm(s.T, s, out=g[l])
+                g = as64(f"sigma64_{k}", g)
                 dl, rl = dy[k].reshape(lay.n_layers, d, 1), ry[k].reshape(lay.n_layers, d, 1)
                 _merge_sigma(self.sigma[k], g, coef, dl, shift=(rl, n_b))
                 if m2_from_sigma:  # sum(c^2) is the diagonal of the Σ GEMM: no extra pass
-                    m2y[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1).double() - n_b * ry[k] ** 2).clamp_min_(0.0)
+                    m2y[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1) - n_b * ry[k] ** 2).clamp_min_(0.0)
             if first:
                 _merge_m2(self.moments[k + 1], n_old, n_b, m2y[k], dy[k])
         dy, ry = torch.cat(dy), torch.cat(ry)
 
         if cfg.baseline == "permutation":
-            Yp = torch.empty_like(Yg)
+            Yp = ws("Y_perm", Yg.shape, low, capacity=cap)
             for k, lay in enumerate(self.layouts[1:]):
                 sl = slice(self.offsets[k], self.offsets[k + 1])
                 perm = _bl.token_permutation(n_b, seed=cfg.seed, label=lay.label,
                                              batch_index=batch_index, device=dev)
-                Yp[:, sl] = Yg[:, sl][perm]
+                Yp[:, sl] = Yg[:, sl].index_select(0, perm)
             # permuted columns keep their batch means, so the same Chan terms apply
-            _merge_cross(self.Cb, xb.T @ Yp, coef, dx, dy, shift=(rx, ry, n_b))
+            G = torch.mm(xb.T, Yp, out=ws("G", (xb.shape[1], n_other), low))
+            _merge_cross(self.Cb, as64("G64", G), coef, dx, dy, shift=(rx, ry, n_b))
         elif cfg.baseline == "gaussian":
-            Z = torch.empty_like(Y)
+            Z = ws("Z", (n_b, n_other), low, capacity=cap)
             dz, rz = [], []
             for k, lay in enumerate(self.layouts[1:]):
                 sl = slice(self.offsets[k], self.offsets[k + 1])
                 z = _bl.gaussian_units(n_b, lay.n_neurons, seed=cfg.seed, label=lay.label,
                                        batch_index=batch_index, device=dev)
-                _, mean_b, r, m2 = _centre(z, out=Z[:, sl], want_m2=first)
+                mean_b, r, m2 = _centre_into(z, None, Z[:, sl], ws, want_m2=first)
+                del z
                 dz.append(_merge_mean(self.z_moments[k], n_old, n_b, mean_b))
                 if first:
                     _merge_m2(self.z_moments[k], n_old, n_b, m2, dz[-1])
                 rz.append(r)
-            _merge_cross(self.Cb, xb.T @ self._low(Z), coef, dx, torch.cat(dz), shift=(rx, torch.cat(rz), n_b))
+            G = torch.mm(xb.T, Z, out=ws("G", (xb.shape[1], n_other), low))
+            _merge_cross(self.Cb, as64("G64", G), coef, dx, torch.cat(dz), shift=(rx, torch.cat(rz), n_b))
         self.n += n_b
         return n_b
 
@@ -532,35 +600,47 @@ def _check_overwrite(path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- summaries
 
 def _summarise(rho: torch.Tensor, config: CorrelationConfig, *, extras: bool) -> dict[str, np.ndarray]:
-    """Row-wise max / argmax (+ min, top-k, histogram) of rho [row, j], NaN = no correlation."""
-    key = rho.abs() if config.absolute else rho
-    ranked = key.nan_to_num(nan=-math.inf)
-    best, arg = ranked.max(1)
-    none = torch.isinf(best) & (best < 0)
-    out = {"max": torch.where(none, torch.nan, best), "arg": torch.where(none, -1, arg)}
+    """Row-wise max / argmax (+ min, top-k, histogram) of rho [row, j], NaN = no correlation.
+
+    `rho` is scratch: it is overwritten (NaN -> +-inf in place), so a [row, j] float64
+    matrix is never copied; correlations are clamped to [-1, 1], so an infinity here can
+    only be a former NaN.
+    """
+    inf = math.inf
+    out = {}
     if extras:
-        lo = rho.nan_to_num(nan=math.inf).min(1).values
-        out["min"] = torch.where(torch.isinf(lo), torch.nan, lo)
-        if config.top_k:
-            k = min(config.top_k, rho.shape[1])
-            v, i = ranked.topk(k, dim=1)
-            pad = torch.isinf(v) & (v < 0)
-            out["top_v"] = torch.nn.functional.pad(torch.where(pad, torch.nan, v), (0, config.top_k - k), value=math.nan)
-            out["top_i"] = torch.nn.functional.pad(torch.where(pad, -1, i), (0, config.top_k - k), value=-1)
         if config.hist_bins:
             nb = config.hist_bins
-            b = ((rho + 1.0) * (nb / 2.0)).floor().clamp_(0, nb - 1).nan_to_num_(nan=nb).long()
+            b = ((rho + 1.0) * (nb / 2.0)).floor_().clamp_(0, nb - 1).nan_to_num_(nan=nb).long()
             counts = torch.zeros(rho.shape[0], nb + 1, dtype=torch.int64, device=rho.device)
             counts.scatter_add_(1, b, torch.ones_like(b))
             out["hist"] = counts[:, :nb]
+            del b
+        lo = rho.nan_to_num_(nan=inf).min(1).values                 # min is always signed
+        out["min"] = torch.where(torch.isinf(lo), torch.nan, lo)
+    if config.absolute:
+        rho.abs_()
+    ranked = rho.nan_to_num_(nan=-inf, posinf=-inf, neginf=-inf)   # no correlation ranks last
+    best, arg = ranked.max(1)
+    none = torch.isinf(best)
+    out["max"], out["arg"] = torch.where(none, torch.nan, best), torch.where(none, -1, arg)
+    if extras and config.top_k:
+        k = min(config.top_k, rho.shape[1])
+        v, i = ranked.topk(k, dim=1)
+        pad = torch.isinf(v)
+        out["top_v"] = torch.nn.functional.pad(torch.where(pad, torch.nan, v), (0, config.top_k - k), value=math.nan)
+        out["top_i"] = torch.nn.functional.pad(torch.where(pad, -1, i), (0, config.top_k - k), value=-1)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def _corr(C: torch.Tensor, m2x: torch.Tensor, m2y: torch.Tensor, dead_x, dead_y) -> torch.Tensor:
-    rho = C / torch.sqrt(m2x[:, None] * m2y[None, :])
-    rho.clamp_(-1.0, 1.0)  # rounding can step past ±1; NaN stays NaN
-    rho[dead_x] = torch.nan
-    rho[:, dead_y] = torch.nan
+    """rho = C / sqrt(m2x m2y^T) clamped to [-1, 1], NaN in dead rows and columns (a new tensor)."""
+    rho = C * m2x.rsqrt()[:, None]
+    rho.mul_(m2y.rsqrt()[None, :]).clamp_(-1.0, 1.0)  # rounding can step past ±1; NaN stays NaN
+    if bool(dead_x.any()):
+        rho[dead_x] = torch.nan
+    if bool(dead_y.any()):
+        rho[:, dead_y] = torch.nan
     return rho
 
 
@@ -630,11 +710,12 @@ def accumulate(source: Iterable, layouts: Sequence[ModelLayout], config: Correla
                              want_sigma=config.baseline == "rotation" and block_index == 0)
     if desc is None:
         desc = f"correlate {layouts[0].label}" + (f" block {block_index + 1}/{len(blocks)}" if len(blocks) > 1 else "")
+    ws = _Workspace(device)
     with torch.no_grad(), _matmul_precision(device, config.precision), \
             progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
         for b, item in enumerate(source):
             mask, acts = _check_batch(item, layouts, first_batch + b)
-            bar.update(acc.update(first_batch + b, mask, acts))
+            bar.update(acc.update(first_batch + b, mask, acts, ws))
     return acc
 
 
@@ -741,9 +822,9 @@ class _Assembler:
         for k, m in enumerate(others):
             sl = slice(offsets[k], offsets[k + 1])
             rho = _corr(acc.C[:, sl], m2x, first["m2"][k + 1], dead_x, first["dead_t"][k + 1])
-            s = _summarise(rho, config, extras=True)
             if self.full is not None:
                 self.full[f"corr/{m.label}"][i0:i1] = rho.cpu().numpy().astype(config.full_matrix_dtype)
+            s = _summarise(rho, config, extras=True)  # overwrites rho
             del rho
             out["max_corr"][k, i0:i1], out["partner"][k, i0:i1], out["min_corr"][k, i0:i1] = s["max"], s["arg"], s["min"]
             if config.top_k:
