@@ -150,9 +150,10 @@ def _n_cross(config: CorrelationConfig) -> int:
 def _bytes_per_row(layouts, config) -> int:
     n_other = sum(l.n_neurons for l in layouts[1:])
     widest = max(l.n_neurons for l in layouts[1:])
-    # float64 co-moments + float32 batch GEMM output per cross matrix, and ~4 float64
-    # [row, N_m] temporaries while one model's correlations are summarised.
-    return _n_cross(config) * n_other * (8 + 4) + 4 * 8 * widest
+    # float64 co-moments per cross matrix, the batch GEMM's output (float32) and its float64
+    # copy (shared by the cross matrices), and ~4 float64 [row, N_m] temporaries while one
+    # model's correlations are summarised.
+    return _n_cross(config) * n_other * 8 + n_other * (4 + 8) + 4 * 8 * widest
 
 
 def _fixed_bytes(layouts, config) -> int:
@@ -282,13 +283,16 @@ def _centre_into(t: torch.Tensor, idx, out: torch.Tensor, ws: _Workspace, *, wan
     n, w = out.shape
     f32, f64 = torch.float32, torch.float64
     sample = torch.arange(0, n, 16, device=t.device) if idx is None else idx[::16]
-    shift = t.index_select(0, sample).to(f32).mean(0)
+    cap = t.shape[0] // 16 + 1
+    picked = torch.index_select(t, 0, sample, out=ws(f"sample{w}", (sample.numel(), w), t.dtype, capacity=cap))
+    shift = ws(f"sample32_{w}", picked.shape, f32, capacity=cap).copy_(picked).mean(0)
     direct = out.dtype == f32  # centre straight into `out`; else into a float32 tile, then cast
-    n_tiles = -(-n // _TILE_ROWS)
+    rows = _TILE_ROWS if out.device.type == "cpu" else n  # a GPU streams whole batches well
+    n_tiles = -(-n // rows)
     sums = ws(f"sums{w}", (n_tiles, w), f32)       # per-tile float32 sums, added in float64 at the end
     squares = ws(f"squares{w}", (n_tiles, w), f32) if want_m2 else None
-    for i, a in enumerate(range(0, n, _TILE_ROWS)):
-        b = min(n, a + _TILE_ROWS)
+    for i, a in enumerate(range(0, n, rows)):
+        b = min(n, a + rows)
         tile = out[a:b] if direct else ws(f"tile{w}", (b - a, w), f32)
         if idx is None:
             tile.copy_(t[a:b])
