@@ -45,7 +45,7 @@ def _corr_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", default="rotation", choices=["rotation", "gaussian", "permutation", "none"])
     p.add_argument("--baseline-seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
-                   help="GEMM precision: fp32 exact; bf16 ~5x faster on CPU, error ~3e-3")
+                   help="GEMM precision: fp32 exact; bf16 ~2x faster on CPU, error ~2e-3")
     p.add_argument("--absolute", action="store_true", help="rank partners by |rho|")
     p.add_argument("--memory-gb", type=float, default=2.0, help="accumulator budget; above it, neuron blocks")
     p.add_argument("--top-k", type=int, default=0)

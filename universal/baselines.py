@@ -70,7 +70,7 @@ def haar_orthogonal(d: int, *, seed: int) -> torch.Tensor:
     """
     g = torch.from_numpy(np.random.default_rng(seed).standard_normal((d, d)))
     # LAPACK's Householder QR (geqrf, then orgqr for Q), as numpy.linalg.qr does; torch's
-    # build of it is ~1.5x faster here, and the finish of a correlation run waits on it
+    # build of it is ~1.4x faster here, and the finish of a correlation run waits on it
     h, tau = torch.geqrf(g)
     q = torch.linalg.householder_product(h, tau)
     signs = torch.sign(torch.diagonal(h))

@@ -87,7 +87,7 @@ class CorrelationConfig:
 
     baseline: str = "rotation"        # METHOD.md §5: "rotation" (paper), "gaussian", "permutation" or "none"
     seed: int = 0                     # seeds the baseline's rotations / noise / permutations
-    precision: str = "fp32"           # "fp32" exact (max error ~1e-6); "bf16" ~5x faster on CPU, error ~3e-3; "tf32" CUDA only
+    precision: str = "fp32"           # "fp32" exact (max error ~1e-6); "bf16" ~2x faster on CPU (measured), error ~2e-3; "tf32" CUDA only
     absolute: bool = False            # rank partners by |rho| (max_corr, baseline, top_k are then >= 0)
     memory_budget: int = 2 * 2**30    # bytes for the accumulators; above it, blocks of reference neurons, one pass each
     block_size: int | None = None     # reference neurons per pass; None = as many as memory_budget allows
