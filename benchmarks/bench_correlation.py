@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from activations._runtime import pick_device, set_progress  # noqa: E402
 from universal.correlation import (  # noqa: E402
-    CorrelationConfig, ModelLayout, accumulate, correlate, finalize, preflight, reference_blocks)
+    CorrelationConfig, ModelLayout, _Reordered, accumulate, correlate, correlate_all_pairs, finalize, preflight,
+    reference_blocks)
 
 N_MODELS, N_LAYERS, D_MLP, BATCH, DISTINCT = 5, 2, 512, 8192, 3
 LAYOUTS = [ModelLayout(s, N_LAYERS, D_MLP) for s in "abcde"[:N_MODELS]]
@@ -171,6 +172,28 @@ def bf16_error(device, tokens=16384) -> float:
     return err
 
 
+def all_pairs(src, device, repeats: int) -> None:
+    """All-pairs mode, fp32: the one-pass triangle against one `correlate` run per reference."""
+    cfg = CorrelationConfig(device=str(device))
+    one, loop = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        correlate_all_pairs(src, LAYOUTS, cfg)
+        _sync(device)
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for r in range(N_MODELS):
+            order = [r] + [i for i in range(N_MODELS) if i != r]
+            correlate(_Reordered(src, order), [LAYOUTS[i] for i in order], cfg)
+        _sync(device)
+        loop.append(time.perf_counter() - t)
+        print(f"[all pairs, fp32] one pass {one[-1]:.2f} s; one correlate per reference {loop[-1]:.2f} s")
+    print(f"[all pairs, fp32] speed-up of the one-pass triangle, best of {repeats}: {min(loop) / min(one):.2f}x "
+          f"(GEMM work ratio {N_MODELS * (N_MODELS - 1) + N_MODELS * (N_MODELS - 1) / 2:.0f} : "
+          f"{N_MODELS * (N_MODELS - 1) / 2 + N_MODELS / 2:.1f} units of one model pair)")
+
+
 def _memprobe(tokens: int, device) -> None:
     """Child process: peak memory of one fp32 run beyond the cached source (bytes)."""
     set_progress(False)
@@ -215,6 +238,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200_000, help="tokens, masked-out ones included (default 200000)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every contestant (default 3)")
+    p.add_argument("--all-pairs", action="store_true", help="also time all-pairs mode (one pass vs one run per reference)")
     p.add_argument("--skip-reference", action="store_true", help="skip the slow reference algorithm")
     p.add_argument("--memprobe", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -278,6 +302,8 @@ def main() -> None:
         row("speed-up over reference, fp32, whole runs, best of each", min(ref) / min(secs["fp32"]), 1.8, "x")
         if "bf16" in secs:
             row(f"speed-up over reference, bf16 (err {err:.1e})", min(ref) / min(secs["bf16"]), 5.0, "x")
+    if args.all_pairs:
+        all_pairs(src, device, args.repeats)
     small, big = args.tokens // 4, args.tokens
     m_small, m_big = peak_memory(small, device), peak_memory(big, device)
     print(f"[memory] peak beyond the cached source, fp32 run: {small} tokens {m_small / 2**20:.1f} MiB, "

@@ -963,12 +963,24 @@ def correlate_all_pairs(source: Iterable, layouts: Sequence[ModelLayout], config
                         **kwargs) -> dict[str, CorrelationResult]:
     """Every model as the reference in turn (beyond the paper): label -> `CorrelationResult`.
 
-    Same arguments as `correlate` (without `full_matrix_path`); one run of `correlate` per
-    reference, so it costs len(layouts) times a single-reference run.
+    Same arguments as `correlate` (without `full_matrix_path`). With the rotation baseline
+    (or none) and accumulators that fit `memory_budget`, one pass over the source serves
+    every reference (`universal.all_pairs`: C^{m,a} = (C^{a,m})^T, so half the GEMMs and
+    one read of the source); otherwise `correlate` runs once per reference. Either way
+    each result equals the single-reference `correlate` run with that model first.
     """
+    from .all_pairs import correlate_all_pairs_one_pass, one_pass_fits
+
+    config = config or CorrelationConfig()
     layouts = _check_layouts(layouts)
+    if config.precision == "tf32" and pick_device(config.device).type != "cuda":
+        raise UniversalNeuronsError("precision='tf32' needs a CUDA device; use 'fp32' (exact) or 'bf16' (fast) on CPU")
+    if one_pass_fits(layouts, config) and set(kwargs) <= {"provenance"}:
+        return correlate_all_pairs_one_pass(source, layouts, config, **kwargs)
     results = {}
     for r in range(len(layouts)):
         order = [r] + [i for i in range(len(layouts)) if i != r]
-        results[layouts[r].label] = correlate(_Reordered(source, order), [layouts[i] for i in order], config, **kwargs)
+        res = correlate(_Reordered(source, order), [layouts[i] for i in order], config, **kwargs)
+        res.provenance["all_pairs"] = "one correlate run per reference"
+        results[layouts[r].label] = res
     return results

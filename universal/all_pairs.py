@@ -1,0 +1,179 @@
+"""All-pairs mode in one pass over the tokens (beyond the paper).
+
+Every model is the reference in turn. Correlation is symmetric, C^{m,a} = (C^{a,m})^T,
+so one pass that centres every model once per batch and runs one GEMM per model against
+every later model, `x_i^T [x_{i+1} | ... | x_last]`, holds the co-moments of every
+ordered pair. With the rotation baseline it also accumulates Σ of every model, which each
+reference needs for the other models. For M models that is M(M-1)/2 cross blocks and M Σ
+instead of M(M-1) and M(M-1) when `correlate` runs once per reference, and one read of
+the source (one forward pass per model for a live source) instead of M.
+
+Each reference's result then comes from the same `finalize` as `correlate`: its float64
+co-moments are assembled from the triangle (transposing the blocks where the reference
+comes later) into a `CorrelationPartial`.
+
+Used by `correlation.correlate_all_pairs` when the baseline is "rotation" or "none" and
+the triangle's accumulators fit `memory_budget`; the gaussian and permutation baselines
+draw noise per (other model, batch), which has no such symmetry, and larger families
+need blocked passes: both run `correlate` once per reference instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from activations._runtime import pick_device, progress
+
+from .correlation import (
+    CorrelationConfig,
+    CorrelationPartial,
+    CorrelationResult,
+    ModelLayout,
+    _Moments,
+    _Workspace,
+    _bytes_per_row,
+    _centre_into,
+    _check_batch,
+    _matmul_precision,
+    _merge_cross,
+    _merge_m2,
+    _merge_mean,
+    _merge_sigma,
+    finalize,
+    reference_blocks,
+)
+
+__all__ = ["one_pass_fits", "correlate_all_pairs_one_pass"]
+
+
+def _order(r: int, n_models: int) -> list[int]:
+    """Model indices with `r` first, then the others in their original order."""
+    return [r] + [i for i in range(n_models) if i != r]
+
+
+def _triangle_bytes(layouts: Sequence[ModelLayout], config: CorrelationConfig) -> int:
+    widths = [l.n_neurons for l in layouts]
+    after = np.cumsum(widths[::-1])[::-1].tolist()[1:] + [0]   # neurons in the models after each
+    cross = sum(w * a for w, a in zip(widths, after))
+    sigma = sum(l.n_layers * l.d_mlp ** 2 for l in layouts) if config.baseline == "rotation" else 0
+    gemm = max(w * a for w, a in zip(widths, after)) * (4 + 8)   # one block's output and its float64 copy
+    return cross * 8 + sigma * 8 * 2 + gemm + 4 * 8 * sum(widths)
+
+
+def one_pass_fits(layouts: Sequence[ModelLayout], config: CorrelationConfig) -> bool:
+    """True when `correlate_all_pairs` can use the one-pass triangle for this family and config."""
+    if config.baseline not in ("rotation", "none"):
+        return False
+    need = _triangle_bytes(layouts, config)
+    for r in range(len(layouts)):  # and each reference's finish fits as one block
+        lays = [layouts[i] for i in _order(r, len(layouts))]
+        if len(reference_blocks(lays, config)) != 1:
+            return False
+        need_r = _triangle_bytes(layouts, config) + lays[0].n_neurons * _bytes_per_row(lays, config)
+        need = max(need, need_r)
+    return need <= config.memory_budget
+
+
+class _Triangle:
+    """Float64 co-moments of model i against every later model, for every i, and Σ of every model."""
+
+    def __init__(self, layouts, config, device):
+        self.layouts, self.config, self.device = layouts, config, device
+        self.widths = [l.n_neurons for l in layouts]
+        self.offsets = np.cumsum([0] + self.widths).tolist()
+        f64 = dict(dtype=torch.float64, device=device)
+        total = self.offsets[-1]
+        self.C = [torch.zeros(w, total - self.offsets[i + 1], **f64) for i, w in enumerate(self.widths[:-1])]
+        self.moments = [_Moments(w, device) for w in self.widths]
+        self.sigma = ([torch.zeros(l.n_layers, l.d_mlp, l.d_mlp, **f64) for l in layouts]
+                      if config.baseline == "rotation" else None)
+        self.n = 0
+
+    def update(self, mask: torch.Tensor, acts: list[torch.Tensor], ws: _Workspace) -> int:
+        """The per-batch steps of `CorrelationPartial.update`, for the whole triangle."""
+        dev, off = self.device, self.offsets
+        mask = mask.to(dev)
+        n_b = int(mask.sum())
+        if n_b == 0:
+            return 0
+        idx = None if n_b == mask.shape[0] else torch.nonzero(mask, as_tuple=True)[0]
+        f64 = torch.float64
+        low = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        n_old = self.n
+        coef = n_old * n_b / (n_old + n_b)
+        m2_from_sigma = self.sigma is not None and low == torch.float32
+
+        A = ws("A", (n_b, off[-1]), low, capacity=mask.shape[0])  # every model, centred, side by side
+        d, r, m2 = [], [], []
+        for k in range(len(self.layouts)):
+            mean_b, rk, m2k = _centre_into(acts[k].to(dev, non_blocking=True), idx, A[:, off[k]:off[k + 1]], ws,
+                                           want_m2=not m2_from_sigma)
+            d.append(_merge_mean(self.moments[k], n_old, n_b, mean_b))
+            r.append(rk)
+            m2.append(m2k)
+        biggest = max(c.numel() for c in self.C)  # one GEMM output buffer (and its float64 copy) serves every block
+        for i in range(len(self.layouts) - 1):
+            x, y = A[:, off[i]:off[i + 1]], A[:, off[i + 1]:]
+            G = torch.mm(x.T, y, out=ws("G", (biggest,), low)[:self.C[i].numel()].view(self.C[i].shape))
+            G64 = ws("G64", (biggest,), f64)[:G.numel()].view(G.shape).copy_(G)
+            _merge_cross(self.C[i], G64, coef, d[i], torch.cat(d[i + 1:]), shift=(r[i], torch.cat(r[i + 1:]), n_b))
+        for k, lay in enumerate(self.layouts):
+            if self.sigma is not None:
+                dm, o = lay.d_mlp, off[k]
+                g = ws(f"sigma{k}", (lay.n_layers, dm, dm), low)
+                for l in range(lay.n_layers):
+                    s = A[:, o + l * dm:o + (l + 1) * dm]
+                    torch.mm(s.T, s, out=g[l])
+                g = ws(f"sigma64_{k}", g.shape, f64).copy_(g)
+                _merge_sigma(self.sigma[k], g, coef, d[k].reshape(lay.n_layers, dm, 1),
+                             shift=(r[k].reshape(lay.n_layers, dm, 1), n_b))
+                if m2_from_sigma:
+                    m2[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1) - n_b * r[k] ** 2).clamp_min_(0.0)
+            _merge_m2(self.moments[k], n_old, n_b, m2[k], d[k])
+        self.n += n_b
+        return n_b
+
+    def partial_for(self, r: int) -> tuple[list[ModelLayout], CorrelationPartial]:
+        """Reference `r`'s layouts (it first) and its co-moments as a one-block `CorrelationPartial`."""
+        order = _order(r, len(self.layouts))
+        lays = [self.layouts[i] for i in order]
+        acc = CorrelationPartial(lays, self.config, self.device, 0, self.widths[r], n_pass=0, want_sigma=False)
+        acc.n = self.n
+        acc.moments = [self.moments[i] for i in order]
+        col, off = 0, self.offsets
+        for m in order[1:]:
+            if m > r:   # stored as r's block against the later model m
+                block = self.C[r][:, off[m] - off[r + 1]:off[m + 1] - off[r + 1]]
+            else:       # stored as m's block against the later model r: transpose
+                block = self.C[m][:, off[r] - off[m + 1]:off[r + 1] - off[m + 1]].T
+            acc.C[:, col:col + self.widths[m]] = block
+            col += self.widths[m]
+        acc.sigma = None if self.sigma is None else [self.sigma[i] for i in order[1:]]
+        return lays, acc
+
+
+def correlate_all_pairs_one_pass(source: Iterable, layouts: Sequence[ModelLayout], config: CorrelationConfig, *,
+                                 provenance: dict[str, Any] | None = None) -> dict[str, CorrelationResult]:
+    """label -> `CorrelationResult` with every model as the reference, from one pass over `source`.
+
+    Callers check `one_pass_fits(layouts, config)` first (`correlate_all_pairs` does).
+    """
+    layouts = list(layouts)
+    device = pick_device(config.device)
+    tri = _Triangle(layouts, config, device)
+    ws = _Workspace(device)
+    with torch.no_grad(), _matmul_precision(device, config.precision), \
+            progress(total=None, unit="tok", unit_scale=True, desc="correlate all pairs") as bar:
+        for b, item in enumerate(source):
+            mask, acts = _check_batch(item, layouts, b)
+            bar.update(tri.update(mask, acts, ws))
+    del ws
+    results = {}
+    for r, lay in enumerate(layouts):
+        lays, acc = tri.partial_for(r)
+        results[lay.label] = finalize([acc], lays, config, provenance=provenance,
+                                      extra_provenance={"all_pairs": "one pass, C^{m,a} = (C^{a,m})^T"})
+    return results
