@@ -41,7 +41,7 @@ from .correlation import (
     _merge_cross,
     _merge_m2,
     _merge_mean,
-    _merge_sigma,
+    _update_sigma,
     finalize,
     reference_blocks,
 )
@@ -122,16 +122,10 @@ class _Triangle:
             _merge_cross(self.C[i], G64, coef, d[i], torch.cat(d[i + 1:]), shift=(r[i], torch.cat(r[i + 1:]), n_b))
         for k, lay in enumerate(self.layouts):
             if self.sigma is not None:
-                dm, o = lay.d_mlp, off[k]
-                g = ws(f"sigma{k}", (lay.n_layers, dm, dm), low)
-                for l in range(lay.n_layers):
-                    s = A[:, o + l * dm:o + (l + 1) * dm]
-                    torch.mm(s.T, s, out=g[l])
-                g = ws(f"sigma64_{k}", g.shape, f64).copy_(g)
-                _merge_sigma(self.sigma[k], g, coef, d[k].reshape(lay.n_layers, dm, 1),
-                             shift=(r[k].reshape(lay.n_layers, dm, 1), n_b))
+                m2_sigma = _update_sigma(self.sigma[k], A[:, off[k]:off[k + 1]], lay, coef, d[k], r[k], n_b, ws,
+                                         f"sigma{k}")
                 if m2_from_sigma:
-                    m2[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1) - n_b * r[k] ** 2).clamp_min_(0.0)
+                    m2[k] = m2_sigma
             _merge_m2(self.moments[k], n_old, n_b, m2[k], d[k])
         self.n += n_b
         return n_b

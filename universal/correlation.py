@@ -348,6 +348,23 @@ def _merge_sigma(S, S_b, coef, dl, shift=None) -> None:
         S.baddbmm_(torch.cat([dl * coef, rl * -float(n_b)], 2), torch.cat([dl, rl], 2).transpose(1, 2))
 
 
+def _update_sigma(S, y: torch.Tensor, lay: ModelLayout, coef: float, dy, ry, n_b: int, ws: _Workspace, key: str):
+    """Merge one batch into Σ_y `[layer, d, d]`, the within-layer co-moments of one model.
+
+    `y` `[token, n_layers*d]` holds the model's centred batch (GEMM dtype); `dy`, `ry` its
+    mean change and residual mean. Returns the batch's M2 of the model's neurons from the
+    GEMM's diagonal (sum(c^2) comes free with Σ; exact in fp32, bf16-rounded in bf16).
+    """
+    d, L = lay.d_mlp, lay.n_layers
+    g = ws(key, (L, d, d), y.dtype)
+    for l in range(L):
+        s = y[:, l * d:(l + 1) * d]
+        torch.mm(s.T, s, out=g[l])
+    g = ws(key + "_64", g.shape, torch.float64).copy_(g)
+    _merge_sigma(S, g, coef, dy.reshape(L, d, 1), shift=(ry.reshape(L, d, 1), n_b))
+    return (torch.diagonal(g, dim1=1, dim2=2).reshape(-1) - n_b * ry ** 2).clamp_min_(0.0)
+
+
 class CorrelationPartial:
     """Float64 co-moments of the tokens seen so far, for reference rows [i0, i1): the state
     of one pass (`n_pass` = the reference block's index), or of one token shard of it.
@@ -440,16 +457,10 @@ class CorrelationPartial:
 
         for k, lay in enumerate(self.layouts[1:]):
             if self.sigma is not None:  # within-layer Σ_y of m, for the rotation identity
-                d, o = lay.d_mlp, self.offsets[k]
-                g = ws(f"sigma{k}", (lay.n_layers, d, d), low)
-                for l in range(lay.n_layers):
-                    s = Yg[:, o + l * d:o + (l + 1) * d]
-                    torch.mm(s.T, s, out=g[l])
-                g = as64(f"sigma64_{k}", g)
-                dl, rl = dy[k].reshape(lay.n_layers, d, 1), ry[k].reshape(lay.n_layers, d, 1)
-                _merge_sigma(self.sigma[k], g, coef, dl, shift=(rl, n_b))
-                if m2_from_sigma:  # sum(c^2) is the diagonal of the Σ GEMM: no extra pass
-                    m2y[k] = (torch.diagonal(g, dim1=1, dim2=2).reshape(-1) - n_b * ry[k] ** 2).clamp_min_(0.0)
+                m2 = _update_sigma(self.sigma[k], Yg[:, self.offsets[k]:self.offsets[k + 1]], lay, coef,
+                                   dy[k], ry[k], n_b, ws, f"sigma{k}")
+                if m2_from_sigma:
+                    m2y[k] = m2
             if first:
                 _merge_m2(self.moments[k + 1], n_old, n_b, m2y[k], dy[k])
         dy, ry = torch.cat(dy), torch.cat(ry)
