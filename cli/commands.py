@@ -154,8 +154,25 @@ def _correlate(a):
             provs.append(s.provenance)
             n_tokens, ts_hash = s.n_tokens, s.token_set_hash
     cfg = _corr_config(a)
-    pf = preflight(layouts, n_tokens, cfg)
-    _say("preflight: " + (pf if isinstance(pf, str) else ", ".join(f"{k}={v}" for k, v in pf.items())))
+    if a.all_pairs and a.full_matrix:
+        from activations import UniversalNeuronsError
+
+        raise UniversalNeuronsError("--full-matrix is not available with --all-pairs; run `correlate` with the "
+                                    "reference's store first for its full matrices")
+    out = Path(a.out)
+    outs = [out.with_name(f"{out.stem}-ref-{lab}{out.suffix}") for lab in labels] if a.all_pairs else [out]
+    for path in outs + ([Path(a.full_matrix)] if a.full_matrix and not a.all_pairs else []):
+        if path.exists() and not a.overwrite:  # refuse before the work, not after it
+            from activations import UniversalNeuronsError
+
+            raise UniversalNeuronsError(f"{str(path)!r} already exists; pass --overwrite to replace it or choose "
+                                        "another -o")
+    if a.all_pairs:
+        from universal.all_pairs import preflight_all_pairs
+
+        _say("preflight: " + preflight_all_pairs(layouts, n_tokens, cfg)["summary"])
+    else:
+        _say("preflight: " + preflight(layouts, n_tokens, cfg)["summary"])
     source = iter_aligned(a.stores, batch_tokens=a.batch_tokens, device=a.device)
     prov = {"models": [p.get("model", p) for p in provs], "labels": labels, "stores": [str(Path(s).resolve()) for s in a.stores],
             "token_set": {"hash": ts_hash}}
@@ -166,9 +183,7 @@ def _correlate(a):
             raise UniversalNeuronsError("--all-pairs does not run on a cluster yet; run one `correlate --cluster` "
                                         "per reference (list its store first)")
         results = correlate_all_pairs(source, layouts, cfg, provenance=prov)
-        out = Path(a.out)
-        for lab, res in results.items():
-            path = out.with_name(f"{out.stem}-ref-{lab}{out.suffix}")
+        for (lab, res), path in zip(results.items(), outs):
             res.save(path, overwrite=a.overwrite)
             _say(f"reference {lab}: -> {path}")
         return 0

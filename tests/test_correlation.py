@@ -292,6 +292,18 @@ def test_all_pairs_falls_back_to_one_run_per_reference():
         np.testing.assert_allclose(res["b"].max_corr[0], _numpy_corr(y, x, mask).max(1), atol=1e-5)
 
 
+def test_all_pairs_preflight_counts_the_triangle():
+    from universal.all_pairs import preflight_all_pairs
+
+    lays = [A, B, ModelLayout("c", 2, 24)]  # 48 neurons each
+    one = preflight_all_pairs(lays, 1000, CorrelationConfig())
+    sigma = 2 * 24 ** 2 + 3 * 16 ** 2 + 2 * 24 ** 2
+    assert one["gemm_flops"] == 2.0 * 1000 * (3 * 48 * 48 + sigma) and one["passes"] == 1
+    assert "one pass" in one["summary"]
+    loop = preflight_all_pairs(lays, 1000, CorrelationConfig(baseline="gaussian"))
+    assert loop["passes"] == 3 and loop["gemm_flops"] == 3 * preflight(lays, 1000, CorrelationConfig(baseline="gaussian"))["gemm_flops"]
+
+
 def _ok(n=10):
     return torch.ones(n, dtype=torch.bool), [torch.zeros(n, 48), torch.zeros(n, 48)]
 

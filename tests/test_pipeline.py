@@ -68,6 +68,13 @@ def test_cli_tokenize_cache_correlate_flag(tiny_family, tmp_path, capsys):
     # an existing result is refused with a one-line error and exit code 2
     assert cli(["flag", str(corr), "-o", str(tmp_path / "table.csv")]) == 2
     assert "already exists" in capsys.readouterr().err
+    # all pairs: one file per reference, the triangle's preflight; existing files refused before any work
+    assert cli(["correlate", *stores, "--all-pairs", "-o", str(tmp_path / "ap.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "one pass" in out and all((tmp_path / f"ap-ref-{lab}.h5").exists() for lab in ("a", "b"))
+    stamp = (tmp_path / "ap-ref-b.h5").stat().st_mtime_ns
+    assert cli(["correlate", *stores, "--all-pairs", "-o", str(tmp_path / "ap.h5")]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "ap-ref-b.h5").stat().st_mtime_ns == stamp
 
 
 def test_pipeline_rejects_bad_families(tiny_family, tmp_path):

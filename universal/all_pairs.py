@@ -43,10 +43,11 @@ from .correlation import (
     _merge_mean,
     _update_sigma,
     finalize,
+    preflight,
     reference_blocks,
 )
 
-__all__ = ["one_pass_fits", "correlate_all_pairs_one_pass"]
+__all__ = ["one_pass_fits", "preflight_all_pairs", "correlate_all_pairs_one_pass"]
 
 
 def _order(r: int, n_models: int) -> list[int]:
@@ -75,6 +76,27 @@ def one_pass_fits(layouts: Sequence[ModelLayout], config: CorrelationConfig) -> 
         need_r = _triangle_bytes(layouts, config) + lays[0].n_neurons * _bytes_per_row(lays, config)
         need = max(need, need_r)
     return need <= config.memory_budget
+
+
+def preflight_all_pairs(layouts: Sequence[ModelLayout], n_tokens: int, config: CorrelationConfig) -> dict[str, Any]:
+    """What `correlate_all_pairs` will cost: `gemm_flops`, `accumulator_bytes`, `passes`, `summary`."""
+    M = len(layouts)
+    if one_pass_fits(layouts, config):
+        widths = [l.n_neurons for l in layouts]
+        pairs = sum(widths[i] * widths[j] for i in range(M) for j in range(i + 1, M))
+        flops = 2.0 * n_tokens * pairs
+        if config.baseline == "rotation":
+            flops += 2.0 * n_tokens * sum(l.n_layers * l.d_mlp ** 2 for l in layouts)
+        acc, passes, how = _triangle_bytes(layouts, config), 1, "one pass (C^{m,a} = (C^{a,m})^T)"
+    else:
+        plans = [preflight([layouts[i] for i in _order(r, M)], n_tokens, config) for r in range(M)]
+        flops = sum(p["gemm_flops"] for p in plans)
+        acc, passes = max(p["accumulator_bytes"] for p in plans), sum(p["passes"] for p in plans)
+        how = "one correlate per reference"
+    summary = (f"correlate all pairs of {M} models over {n_tokens} tokens, {how}: {flops / 1e12:.2f} TFLOP, "
+               f"{acc / 2**30:.2f} GiB accumulators, {passes} pass(es), baseline={config.baseline}, "
+               f"precision={config.precision}")
+    return {"gemm_flops": flops, "accumulator_bytes": acc, "passes": passes, "summary": summary}
 
 
 class _Triangle:

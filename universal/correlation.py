@@ -899,7 +899,9 @@ def finalize(partials: Iterable[CorrelationPartial], layouts: Sequence[ModelLayo
     config = config or CorrelationConfig()
     layouts = _check_layouts(layouts)
     device = pick_device(config.device if device is None else device)
-    log.info(preflight(layouts, 0, config)["summary"].replace(" over 0 tokens", ""))
+    plan = preflight(layouts, 0, config)
+    log.info("finishing correlate %s vs %d model(s): %d block(s) of %d reference neurons, baseline=%s",
+             layouts[0].label, len(layouts) - 1, plan["passes"], plan["block_size"], config.baseline)
     asm = _Assembler(layouts, config, device, full_matrix_path, overwrite, provenance)
     try:
         for acc in partials:
