@@ -75,6 +75,15 @@ def test_cli_tokenize_cache_correlate_flag(tiny_family, tmp_path, capsys):
     stamp = (tmp_path / "ap-ref-b.h5").stat().st_mtime_ns
     assert cli(["correlate", *stores, "--all-pairs", "-o", str(tmp_path / "ap.h5")]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "ap-ref-b.h5").stat().st_mtime_ns == stamp
+    assert cli(["correlate", *stores, "--all-pairs", "--full-matrix", str(tmp_path / "full.h5"),
+                "-o", str(tmp_path / "ap2.h5")]) == 2
+    assert "--full-matrix is not available with --all-pairs" in capsys.readouterr().err
+    assert not (tmp_path / "full.h5").exists() and not (tmp_path / "ap2-ref-a.h5").exists()
+    # single reference: an existing -o is refused before the work too
+    stamp = corr.stat().st_mtime_ns
+    assert cli(["correlate", *stores, "-o", str(corr)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and corr.stat().st_mtime_ns == stamp
 
 
 def test_pipeline_rejects_bad_families(tiny_family, tmp_path):

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from activations._runtime import pick_device, progress
+from activations._runtime import pick_device
 
 from .correlation import (
     CorrelationConfig,
@@ -36,11 +36,12 @@ from .correlation import (
     _Workspace,
     _bytes_per_row,
     _centre_into,
-    _check_batch,
-    _matmul_precision,
+    _gemm_dtype,
+    _masked_rows,
     _merge_cross,
     _merge_m2,
     _merge_mean,
+    _stream,
     _update_sigma,
     finalize,
     preflight,
@@ -68,14 +69,13 @@ def one_pass_fits(layouts: Sequence[ModelLayout], config: CorrelationConfig) -> 
     """True when `correlate_all_pairs` can use the one-pass triangle for this family and config."""
     if config.baseline not in ("rotation", "none"):
         return False
-    need = _triangle_bytes(layouts, config)
-    for r in range(len(layouts)):  # and each reference's finish fits as one block
+    finish = 0  # the largest reference's co-moments and summary temporaries, while the triangle is alive
+    for r in range(len(layouts)):
         lays = [layouts[i] for i in _order(r, len(layouts))]
-        if len(reference_blocks(lays, config)) != 1:
+        if len(reference_blocks(lays, config)) != 1:  # each reference's finish must be one block
             return False
-        need_r = _triangle_bytes(layouts, config) + lays[0].n_neurons * _bytes_per_row(lays, config)
-        need = max(need, need_r)
-    return need <= config.memory_budget
+        finish = max(finish, lays[0].n_neurons * _bytes_per_row(lays, config))
+    return _triangle_bytes(layouts, config) + finish <= config.memory_budget
 
 
 def preflight_all_pairs(layouts: Sequence[ModelLayout], n_tokens: int, config: CorrelationConfig) -> dict[str, Any]:
@@ -114,16 +114,14 @@ class _Triangle:
                       if config.baseline == "rotation" else None)
         self.n = 0
 
-    def update(self, mask: torch.Tensor, acts: list[torch.Tensor], ws: _Workspace) -> int:
+    def update(self, batch_index: int, mask: torch.Tensor, acts: list[torch.Tensor], ws: _Workspace) -> int:
         """The per-batch steps of `CorrelationPartial.update`, for the whole triangle."""
         dev, off = self.device, self.offsets
-        mask = mask.to(dev)
-        n_b = int(mask.sum())
+        mask, n_b, idx = _masked_rows(mask, dev)
         if n_b == 0:
             return 0
-        idx = None if n_b == mask.shape[0] else torch.nonzero(mask, as_tuple=True)[0]
         f64 = torch.float64
-        low = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        low = _gemm_dtype(self.config)
         n_old = self.n
         coef = n_old * n_b / (n_old + n_b)
         m2_from_sigma = self.sigma is not None and low == torch.float32
@@ -180,13 +178,7 @@ def correlate_all_pairs_one_pass(source: Iterable, layouts: Sequence[ModelLayout
     layouts = list(layouts)
     device = pick_device(config.device)
     tri = _Triangle(layouts, config, device)
-    ws = _Workspace(device)
-    with torch.no_grad(), _matmul_precision(device, config.precision), \
-            progress(total=None, unit="tok", unit_scale=True, desc="correlate all pairs") as bar:
-        for b, item in enumerate(source):
-            mask, acts = _check_batch(item, layouts, b)
-            bar.update(tri.update(mask, acts, ws))
-    del ws
+    _stream(source, layouts, config, device, "correlate all pairs", tri.update)
     results = {}
     for r, lay in enumerate(layouts):
         lays, acc = tri.partial_for(r)

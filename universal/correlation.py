@@ -261,6 +261,30 @@ class _Workspace:
         return buf[:shape[0]]
 
 
+def _gemm_dtype(config: "CorrelationConfig") -> torch.dtype:
+    """The dtype the centred batches are written in for the GEMMs."""
+    return torch.bfloat16 if config.precision == "bf16" else torch.float32
+
+
+def _masked_rows(mask: torch.Tensor, device):
+    """(mask on `device`, masked-in count, their row indices or None when every row counts)."""
+    mask = mask.to(device)
+    n_b = int(mask.sum())
+    idx = None if n_b in (0, mask.shape[0]) else torch.nonzero(mask, as_tuple=True)[0]
+    return mask, n_b, idx
+
+
+def _stream(source: Iterable, layouts, config: "CorrelationConfig", device, desc: str, update, first_batch: int = 0):
+    """Feed every checked batch of `source` to `update(batch_index, mask, acts, ws)`, with one
+    `_Workspace` for the pass, gradients off, the configured matmul precision and a progress bar."""
+    ws = _Workspace(device)
+    with torch.no_grad(), _matmul_precision(device, config.precision), \
+            progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
+        for b, item in enumerate(source):
+            mask, acts = _check_batch(item, layouts, first_batch + b)
+            bar.update(update(first_batch + b, mask, acts, ws))
+
+
 _TILE_ROWS = 512  # elementwise work runs on [512, units] float32 tiles, which stay in cache
 
 
@@ -415,13 +439,11 @@ class CorrelationPartial:
         """
         dev, cfg = self.device, self.config
         ws = _Workspace(dev) if ws is None else ws
-        mask = mask.to(dev)
-        n_b = int(mask.sum())
+        mask, n_b, idx = _masked_rows(mask, dev)
         if n_b == 0:
             return 0
-        idx = None if n_b == mask.shape[0] else torch.nonzero(mask, as_tuple=True)[0]
         f32, f64 = torch.float32, torch.float64
-        low = torch.bfloat16 if cfg.precision == "bf16" else f32  # GEMM operand dtype
+        low = _gemm_dtype(cfg)
         n_old, n_other = self.n, self.offsets[-1]
         coef = n_old * n_b / (n_old + n_b)
         # second moments are the same on every pass: only the first pass computes them
@@ -725,12 +747,7 @@ def accumulate(source: Iterable, layouts: Sequence[ModelLayout], config: Correla
                              want_sigma=config.baseline == "rotation" and block_index == 0)
     if desc is None:
         desc = f"correlate {layouts[0].label}" + (f" block {block_index + 1}/{len(blocks)}" if len(blocks) > 1 else "")
-    ws = _Workspace(device)
-    with torch.no_grad(), _matmul_precision(device, config.precision), \
-            progress(total=None, unit="tok", unit_scale=True, desc=desc) as bar:
-        for b, item in enumerate(source):
-            mask, acts = _check_batch(item, layouts, first_batch + b)
-            bar.update(acc.update(first_batch + b, mask, acts, ws))
+    _stream(source, layouts, config, device, desc, acc.update, first_batch)
     return acc
 
 
