@@ -1,7 +1,7 @@
 """The caching layer: models in, tokens in, HDF5 activations out."""
 
-from ._errors import UniversalNeuronsError
-from ._runtime import pick_device, set_progress
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import pick_device, set_progress
 from .models import (
     GPT2Config,
     LoadedModel,

@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
-from ._errors import UniversalNeuronsError
-from ._runtime import hub_reachable, package_versions, pick_device
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import hub_reachable, package_versions, pick_device
 
 __all__ = [
     "LoadedModel",

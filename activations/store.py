@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ._errors import UniversalNeuronsError
-from ._runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
 from .models import LoadedModel, hook_name, mlp_activations, parse_hook_name
 from .tokens import TokenSet, TokenSetConfig
 

@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ._errors import UniversalNeuronsError
-from ._runtime import SCHEMA_VERSION, from_json, hub_reachable, progress, provenance_base, to_json
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import SCHEMA_VERSION, from_json, hub_reachable, progress, provenance_base, to_json
 
 __all__ = ["TokenSetConfig", "TokenSet", "build_token_set", "load_token_set", "tokenizer_info", "newline_ids"]
 

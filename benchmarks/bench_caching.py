@@ -28,9 +28,9 @@ import torch
 
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 
-from activations import GPT2Config, init_gpt2, load_model, mlp_activations, save_model_dir  # noqa: E402
-from activations.store import StoreConfig, cache_activations  # noqa: E402
-from activations.tokens import TokenSet, TokenSetConfig, tokenizer_info  # noqa: E402
+from universal_neurons.activations import GPT2Config, init_gpt2, load_model, mlp_activations, save_model_dir  # noqa: E402
+from universal_neurons.activations.store import StoreConfig, cache_activations  # noqa: E402
+from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, tokenizer_info  # noqa: E402
 
 CFG = GPT2Config(n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=256, d_vocab=4096)
 CTX = 256

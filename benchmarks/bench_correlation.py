@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from activations._runtime import pick_device, set_progress  # noqa: E402
-from universal.correlation import (  # noqa: E402
+from universal_neurons.runtime import pick_device, set_progress  # noqa: E402
+from universal_neurons.correlation import (  # noqa: E402
     CorrelationConfig, ModelLayout, _Reordered, accumulate, correlate, correlate_all_pairs, finalize, preflight,
     reference_blocks)
 

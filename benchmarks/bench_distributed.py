@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from activations import set_progress
-from universal.correlation import CorrelationConfig, ModelLayout, correlate, preflight
-from universal.distributed import ShardedSource, connect, correlate_distributed
+from universal_neurons.activations import set_progress
+from universal_neurons.correlation import CorrelationConfig, ModelLayout, correlate, preflight
+from universal_neurons.distributed import ShardedSource, connect, correlate_distributed
 
 
 class SyntheticShards(ShardedSource):

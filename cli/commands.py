@@ -35,7 +35,7 @@ def _cluster_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _token_config(a):
-    from activations import TokenSetConfig
+    from universal_neurons.activations import TokenSetConfig
 
     return TokenSetConfig(ctx_len=a.ctx_len, n_tokens=a.n_tokens, seed=a.seed,
                           exclude_newlines=not a.keep_newlines, text_field=a.text_field)
@@ -54,7 +54,7 @@ def _corr_args(p: argparse.ArgumentParser) -> None:
 
 
 def _corr_config(a):
-    from universal import CorrelationConfig
+    from universal_neurons import CorrelationConfig
 
     return CorrelationConfig(baseline=a.baseline, seed=a.baseline_seed, precision=a.precision, absolute=a.absolute,
                              memory_budget=int(a.memory_gb * 2**30), top_k=a.top_k, hist_bins=a.hist_bins,
@@ -74,7 +74,7 @@ def _add_tokenize(p):
 
 @command("tokenize", "build a token set (ids, mask, hash) from text with a model's tokenizer")(_add_tokenize)
 def _tokenize(a):
-    from activations import build_token_set, load_model
+    from universal_neurons.activations import build_token_set, load_model
 
     lm = load_model(a.model, device="cpu")
     ts = build_token_set(a.source, lm.tokenizer, _token_config(a))
@@ -102,13 +102,13 @@ def _add_cache(p):
 
 @command("cache", "run a model over a token set and stream its MLP activations to HDF5 (resumable)")(_add_cache)
 def _cache(a):
-    from activations import StoreConfig, cache_activations, load_model, load_token_set, preflight_cache
+    from universal_neurons.activations import StoreConfig, cache_activations, load_model, load_token_set, preflight_cache
 
     ts = load_token_set(a.tokens)
     cfg = StoreConfig(kinds=("post", "pre") if a.pre else ("post",), dtype="float32" if a.fp32 else "float16",
                       compression=a.compression)
     if a.cluster:  # shards cached by the workers, stitched into one store at --out
-        from universal.distributed import cache_distributed
+        from universal_neurons.distributed import cache_distributed
 
         path = cache_distributed(a.model, ts, a.out, cluster=a.cluster, config=cfg, checkpoint=a.checkpoint,
                                  device=a.device, batch_rows=a.batch_rows, overwrite=a.overwrite)
@@ -138,13 +138,13 @@ def _add_correlate(p):
 
 @command("correlate", "correlate every neuron of the reference with every neuron of the others, with a baseline")(_add_correlate)
 def _correlate(a):
-    from activations import ActivationStore, iter_aligned
-    from universal import ModelLayout, correlate, correlate_all_pairs, preflight
-    from universal.training import seed_label
+    from universal_neurons.activations import ActivationStore, iter_aligned
+    from universal_neurons import ModelLayout, correlate, correlate_all_pairs, preflight
+    from universal_neurons.training import seed_label
 
     labels = a.labels.split(",") if a.labels else [seed_label(k) for k in range(len(a.stores))]
     if len(labels) != len(a.stores):
-        from activations import UniversalNeuronsError
+        from universal_neurons.activations import UniversalNeuronsError
 
         raise UniversalNeuronsError(f"--labels names {len(labels)} models but {len(a.stores)} stores were given")
     layouts, provs = [], []
@@ -155,7 +155,7 @@ def _correlate(a):
             n_tokens, ts_hash = s.n_tokens, s.token_set_hash
     cfg = _corr_config(a)
     if a.all_pairs and a.full_matrix:
-        from activations import UniversalNeuronsError
+        from universal_neurons.activations import UniversalNeuronsError
 
         raise UniversalNeuronsError("--full-matrix is not available with --all-pairs; run `correlate` with the "
                                     "reference's store first for its full matrices")
@@ -163,12 +163,12 @@ def _correlate(a):
     outs = [out.with_name(f"{out.stem}-ref-{lab}{out.suffix}") for lab in labels] if a.all_pairs else [out]
     for path in outs + ([Path(a.full_matrix)] if a.full_matrix and not a.all_pairs else []):
         if path.exists() and not a.overwrite:  # refuse before the work, not after it
-            from activations import UniversalNeuronsError
+            from universal_neurons.activations import UniversalNeuronsError
 
             raise UniversalNeuronsError(f"{str(path)!r} already exists; pass --overwrite to replace it or choose "
                                         "another -o")
     if a.all_pairs:
-        from universal.all_pairs import preflight_all_pairs
+        from universal_neurons.all_pairs import preflight_all_pairs
 
         _say("preflight: " + preflight_all_pairs(layouts, n_tokens, cfg)["summary"])
     else:
@@ -178,7 +178,7 @@ def _correlate(a):
             "token_set": {"hash": ts_hash}}
     if a.all_pairs:
         if a.cluster:
-            from activations import UniversalNeuronsError
+            from universal_neurons.activations import UniversalNeuronsError
 
             raise UniversalNeuronsError("--all-pairs does not run on a cluster yet; run one `correlate --cluster` "
                                         "per reference (list its store first)")
@@ -188,7 +188,7 @@ def _correlate(a):
             _say(f"reference {lab}: -> {path}")
         return 0
     if a.cluster:
-        from universal.distributed import correlate_distributed
+        from universal_neurons.distributed import correlate_distributed
 
         res = correlate_distributed(source, layouts, cfg, cluster=a.cluster, provenance=prov,
                                     full_matrix_path=a.full_matrix, overwrite=a.overwrite)
@@ -209,8 +209,8 @@ def _add_flag(p):
 
 @command("flag", "build the universality table (excess correlation over the baseline) and flag universal neurons")(_add_flag)
 def _flag(a):
-    from universal import CorrelationResult, save_universality_table, universality_table
-    from universal.pipeline import family_summary
+    from universal_neurons import CorrelationResult, save_universality_table, universality_table
+    from universal_neurons.pipeline import family_summary
 
     res = CorrelationResult.load(a.correlation)
     table = universality_table(res, threshold=a.threshold)
@@ -249,7 +249,7 @@ def _add_run(p):
 
 @command("run", "the whole pipeline (tokenize, cache, correlate, flag, later stages) for models you name")(_add_run)
 def _run(a):
-    from universal.pipeline import PipelineConfig, run_pipeline
+    from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
                          cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device, cluster=a.cluster)
@@ -262,11 +262,11 @@ def _run(a):
 
 def _later_stages(a, *, steps, overwrite: bool) -> list:
     """The stages after flagging, as the demo runs them; `--skip` names the ones to leave out."""
-    from activations import load_token_set
-    from universal.ablation import AblationConfig, ablation_stage
-    from universal.persistence import persistence_stage
-    from universal.properties import properties_stage
-    from universal.report import report_stage
+    from universal_neurons.activations import load_token_set
+    from universal_neurons.ablation import AblationConfig, ablation_stage
+    from universal_neurons.persistence import persistence_stage
+    from universal_neurons.properties import properties_stage
+    from universal_neurons.report import report_stage
 
     skip = set(a.skip.split(",")) if a.skip else set()
     stages = []
@@ -315,9 +315,9 @@ def _add_train(p):
 def _train(a):
     import dataclasses
 
-    from universal.demo import DEMO_TRAIN_CONFIG, demo_token_sets, text_stream
-    from universal.demo_data import demo_tokenizer
-    from universal.training import train_family
+    from universal_neurons.demo import DEMO_TRAIN_CONFIG, demo_token_sets, text_stream
+    from universal_neurons.demo_data import demo_tokenizer
+    from universal_neurons.training import train_family
 
     cfg = DEMO_TRAIN_CONFIG
     model_over = {k: v for k, v in {"n_layers": a.layers, "d_model": a.d_model, "d_mlp": a.d_mlp,
@@ -351,7 +351,7 @@ def _add_demo(p):
 
 @command("demo", "train (or reuse) the built-in seed family and run every stage on it")(_add_demo)
 def _demo(a):
-    from universal.demo import run_demo
+    from universal_neurons.demo import run_demo
 
     res = run_demo(out_dir=a.out, family_dir=a.family_dir, retrain=a.retrain, overwrite=a.overwrite, device=a.device)
     _say("validation loss per seed: " + ", ".join(f"{k} {v:.3f}" for k, v in res["val_loss"].items())
@@ -386,8 +386,8 @@ def _add_ablate(p):
 
 @command("ablate", "ablate universal neurons as a group (and per layer) against random controls; ΔCE, KL, entropy")(_add_ablate)
 def _ablate(a):
-    from activations import load_model, load_token_set
-    from universal import AblationConfig, AblationResult, ablation_study, load_universality_table
+    from universal_neurons.activations import load_model, load_token_set
+    from universal_neurons import AblationConfig, AblationResult, ablation_study, load_universality_table
 
     AblationResult.check_out_dir(a.out, overwrite=a.overwrite)
     cfg = AblationConfig(kind=a.kind, value=a.value, n_controls=a.controls, seed=a.seed, n_bootstrap=a.bootstrap,
@@ -428,8 +428,8 @@ def _add_properties(p):
 
 @command("properties", "per-neuron weight, activation-moment and vocabulary properties; universal vs other")(_add_properties)
 def _properties(a):
-    from activations import UniversalNeuronsError, load_model, load_token_set
-    from universal import (PropertiesConfig, compare_universal, load_universality_table, neuron_properties,
+    from universal_neurons.activations import UniversalNeuronsError, load_model, load_token_set
+    from universal_neurons import (PropertiesConfig, compare_universal, load_universality_table, neuron_properties,
                            save_properties)
 
     if a.tokens is None and a.store is None:
@@ -464,9 +464,9 @@ def _add_persistence(p):
 
 @command("persistence", "universal neurons at several training checkpoints: persistence, partner consistency, emergence")(_add_persistence)
 def _persistence(a):
-    from activations import load_token_set
-    from universal import run_persistence
-    from universal.pipeline import PipelineConfig
+    from universal_neurons.activations import load_token_set
+    from universal_neurons import run_persistence
+    from universal_neurons.pipeline import PipelineConfig
 
     cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
                          cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device)
@@ -493,7 +493,7 @@ def _add_report(p):
 
 @command("report", "one self-contained HTML report of a run (figures, universal neurons, provenance; works offline)")(_add_report)
 def _report(a):
-    from universal.report import Report
+    from universal_neurons.report import Report
 
     report = Report.from_run(a.run_dir, title=a.title)
     path = report.save(a.out or Path(a.run_dir) / "report.html", overwrite=a.overwrite)

@@ -11,7 +11,8 @@ import logging
 import sys
 from typing import Callable
 
-from activations._errors import UniversalNeuronsError
+from universal_neurons import __version__
+from universal_neurons.errors import UniversalNeuronsError
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="universal-neurons",
         description="Find universal neurons: cache activations of several seeds, correlate, flag, ablate, report.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "transformer_lens", "huggingface_hub", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.no_progress:
-        from activations._runtime import set_progress
+        from universal_neurons.runtime import set_progress
 
         set_progress(False)
     if not getattr(args, "_run", None):
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m cli.main`: use the registry of the imported module
-    from cli.main import main as _main
+if __name__ == "__main__":  # pragma: no cover - `python -m universal_neurons.cli.main`
+    # the subcommands register in the imported module `universal_neurons.cli.main`, not in `__main__`
+    from universal_neurons.cli.main import main as _main
 
     sys.exit(_main())

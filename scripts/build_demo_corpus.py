@@ -392,7 +392,7 @@ small models with no network access.
 `demo_corpus_*.jsonl.xz`: one JSON object per line, keys `source`, `title`,
 `text`. Paragraphs are separated by `"\\n\\n"`, verse lines (Bible) by `"\\n"`;
 whitespace inside a paragraph is collapsed to single spaces; text is NFC.
-Read with `universal.demo_data.demo_documents(split)`.
+Read with `universal_neurons.demo_data.demo_documents(split)`.
 
 ## Sources
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from activations import TokenSetConfig, build_token_set
-from activations.models import GPT2Config, load_model, mlp_activations
-from universal.demo_data import demo_documents, demo_tokenizer
-from universal.training import TrainConfig, train_family
+from universal_neurons.activations import TokenSetConfig, build_token_set
+from universal_neurons.activations.models import GPT2Config, load_model, mlp_activations
+from universal_neurons.demo_data import demo_documents, demo_tokenizer
+from universal_neurons.training import TrainConfig, train_family
 
 
 def token_rows(tok, split: str, n_ctx: int) -> np.ndarray:

@@ -4,9 +4,9 @@
 import sys
 import time
 
-from activations import load_model
-from activations.store import StoreConfig, cache_activations
-from activations.tokens import load_token_set
+from universal_neurons.activations import load_model
+from universal_neurons.activations.store import StoreConfig, cache_activations
+from universal_neurons.activations.tokens import load_token_set
 
 if __name__ == "__main__":
     model_dir, token_path, out, dtype = sys.argv[1:5]

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from universal.figures import PROPERTY_COLUMNS
-from universal.persistence import persistence_from_tables
-from universal.properties import classify_families, compare_universal, save_properties
+from universal_neurons.figures import PROPERTY_COLUMNS
+from universal_neurons.persistence import persistence_from_tables
+from universal_neurons.properties import classify_families, compare_universal, save_properties
 
 
 def write_synthetic_stages(run_dir: Path, table: pd.DataFrame, *, seed: int = 0, steps=(0, 10, 100, 1000)) -> None:
@@ -30,7 +30,7 @@ def write_synthetic_stages(run_dir: Path, table: pd.DataFrame, *, seed: int = 0,
     save_properties(compare_universal(table, props), run_dir / "property_comparison.csv", overwrite=True)
 
     runs, summ = [], []
-    for layer in [-1, *sorted(table["layer"].unique())]:  # -1: "all layers", as universal.ablation names it
+    for layer in [-1, *sorted(table["layer"].unique())]:  # -1: "all layers", as universal_neurons.ablation names it
         in_group = np.ones(n, bool) if layer == -1 else table["layer"].to_numpy() == layer
         k, name = int(max(1, uni[in_group].sum())), "all layers" if layer == -1 else f"layer {layer}"
         rows = []
@@ -49,7 +49,7 @@ def write_synthetic_stages(run_dir: Path, table: pd.DataFrame, *, seed: int = 0,
                      "control_delta_ce_mean": cm, "control_delta_ce_lo": float(c.delta_ce.min()),
                      "control_delta_ce_hi": float(c.delta_ce.max()), "control_kl_mean": float(c.kl.mean()),
                      "ratio_delta_ce": d / cm, "p_value": 0.01})
-    (run_dir / "ablation").mkdir(exist_ok=True)  # where universal.ablation.ablation_stage writes
+    (run_dir / "ablation").mkdir(exist_ok=True)  # where universal_neurons.ablation.ablation_stage writes
     pd.DataFrame(runs).to_csv(run_dir / "ablation" / "ablation_runs.csv", index=False)
     pd.DataFrame(summ).to_csv(run_dir / "ablation" / "ablation_summary.csv", index=False)
 

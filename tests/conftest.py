@@ -58,7 +58,7 @@ def make_tokenizer(vocab_size: int = 400):
 def make_family(root, seeds=(1, 2), steps=(0,), config=None, tokenizer=None):
     """Untrained tiny GPT-2 seeds saved as `root/seed-<k>/checkpoint-<step>/` (one init per seed;
     every step holds the same weights unless the caller changes them)."""
-    from activations.models import GPT2Config, checkpoint_dir, init_gpt2, save_model_dir
+    from universal_neurons.activations.models import GPT2Config, checkpoint_dir, init_gpt2, save_model_dir
 
     tokenizer = tokenizer or make_tokenizer()
     config = config or GPT2Config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=32, d_vocab=len(tokenizer))

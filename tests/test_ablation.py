@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from activations import StoreConfig, TokenSetConfig, UniversalNeuronsError, build_token_set, cache_activations, load_model
-from cli.main import main as cli
+from universal_neurons.activations import StoreConfig, TokenSetConfig, UniversalNeuronsError, build_token_set, cache_activations, load_model
+from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
-from universal import (
+from universal_neurons import (
     AblationConfig,
     AblationResult,
     ablate,
@@ -21,7 +21,7 @@ from universal import (
     neuron_means,
     save_universality_table,
 )
-from universal.ablation import counted_predictions
+from universal_neurons.ablation import counted_predictions
 
 TEXT = [SAMPLE_TEXT * 2, SAMPLE_TEXT.upper()]
 NO_MASK = TokenSetConfig(ctx_len=32, exclude_bos=False, exclude_special=False, exclude_newlines=False)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from universal.baselines import (
+from universal_neurons.baselines import (
     derive_seed,
     gaussian_units,
     haar_orthogonal,

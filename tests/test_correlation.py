@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, set_progress
-from universal.baselines import rotation_matrices
-from universal.correlation import (
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, set_progress
+from universal_neurons.baselines import rotation_matrices
+from universal_neurons.correlation import (
     CorrelationConfig,
     CorrelationResult,
     ModelLayout,
@@ -293,7 +293,7 @@ def test_all_pairs_falls_back_to_one_run_per_reference():
 
 
 def test_all_pairs_preflight_counts_the_triangle():
-    from universal.all_pairs import preflight_all_pairs
+    from universal_neurons.all_pairs import preflight_all_pairs
 
     lays = [A, B, ModelLayout("c", 2, 24)]  # 48 neurons each
     one = preflight_all_pairs(lays, 1000, CorrelationConfig())

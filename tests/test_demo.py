@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from activations import TokenSet
-from universal.demo import TINY_DEMO_CONFIG, run_demo
-from universal.pipeline import PipelineConfig, run_pipeline
+from universal_neurons.activations import TokenSet
+from universal_neurons.demo import TINY_DEMO_CONFIG, run_demo
+from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""universal.distributed on a real LocalCluster (2 worker processes x 1 thread): every result is
+"""universal_neurons.distributed on a real LocalCluster (2 worker processes x 1 thread): every result is
 checked against the single-process engine, including after a worker is SIGKILLed mid-task."""
 
 import functools
@@ -16,13 +16,13 @@ import torch
 pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402  (installed with distributed)
 
-from activations import ActivationStore, StoreConfig, UniversalNeuronsError, cache_activations, iter_aligned, load_model  # noqa: E402
-from activations.store import LiveSource  # noqa: E402
-from activations.tokens import TokenSetConfig, build_token_set  # noqa: E402
-from cli.main import main as cli  # noqa: E402
+from universal_neurons.activations import ActivationStore, StoreConfig, UniversalNeuronsError, cache_activations, iter_aligned, load_model  # noqa: E402
+from universal_neurons.activations.store import LiveSource  # noqa: E402
+from universal_neurons.activations.tokens import TokenSetConfig, build_token_set  # noqa: E402
+from universal_neurons.cli.main import main as cli  # noqa: E402
 from conftest import SAMPLE_TEXT  # noqa: E402
-from universal import CorrelationConfig, CorrelationResult, ModelLayout, correlate, universality_table  # noqa: E402
-from universal.distributed import (batch_shards, cache_distributed, connect, correlate_distributed,  # noqa: E402
+from universal_neurons import CorrelationConfig, CorrelationResult, ModelLayout, correlate, universality_table  # noqa: E402
+from universal_neurons.distributed import (batch_shards, cache_distributed, connect, correlate_distributed,  # noqa: E402
                                    live_shards, shard_ranges, stitch_stores, store_shards, using_cluster)
 
 # the fault-injection hook below is defined here: send it to the workers by value
@@ -33,7 +33,7 @@ F32 = StoreConfig(dtype="float32")
 
 
 def _warm_imports():
-    import activations.models  # noqa: F401
+    import universal_neurons.activations.models  # noqa: F401
     from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
 
 
@@ -248,7 +248,7 @@ def test_connect_none_and_shard_ranges():
 
 
 def test_pipeline_on_a_cluster_gives_the_in_process_table(client, tiny_family, ts, tmp_path):
-    from universal.pipeline import PipelineConfig, run_pipeline
+    from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
     base = dict(tokens=ts.config, batch_rows=32, store=F32)
     local = run_pipeline(tiny_family, ts, tmp_path / "local", checkpoint=0, config=PipelineConfig(**base))
@@ -266,7 +266,7 @@ def test_pipeline_on_a_cluster_gives_the_in_process_table(client, tiny_family, t
 def test_moments_merge_of_shards_equals_scipy():
     from scipy import stats
 
-    from universal.properties import StreamingMoments
+    from universal_neurons.properties import StreamingMoments
 
     x = np.random.default_rng(0).standard_normal((301, 6)) * 0.1 + 1e3  # large mean: the shifted merge matters
     parts = []
@@ -286,8 +286,8 @@ def test_moments_merge_of_shards_equals_scipy():
 
 
 def test_moments_on_workers_equal_activation_moments(client, tiny_family, ts):
-    from universal.distributed import moments_distributed
-    from universal.properties import activation_moments
+    from universal_neurons.distributed import moments_distributed
+    from universal_neurons.properties import activation_moments
 
     df0 = activation_moments(load_model(tiny_family[0], checkpoint=0), token_set=ts, batch_rows=32)
     df1 = moments_distributed(tiny_family[0], ts, cluster=client, checkpoint=0, n_shards=3, batch_rows=32)
@@ -299,8 +299,8 @@ def test_moments_on_workers_equal_activation_moments(client, tiny_family, ts):
 
 
 def test_ablation_on_workers_equals_ablation_study(client, tiny_family, ts):
-    from universal.ablation import AblationConfig, ablation_study
-    from universal.distributed import ablation_distributed
+    from universal_neurons.ablation import AblationConfig, ablation_study
+    from universal_neurons.distributed import ablation_distributed
 
     cfg = AblationConfig(kind="mean", n_controls=2, n_bootstrap=200, batch_rows=64, seed=3)
     neurons = {0: [1, 5, 9], 1: [3, 7]}
@@ -318,9 +318,9 @@ def test_ablation_on_workers_equals_ablation_study(client, tiny_family, ts):
 
 
 def test_moments_and_ablation_without_cluster_run_in_process(tiny_family, ts):
-    from universal.ablation import AblationConfig, ablation_study
-    from universal.distributed import ablation_distributed, moments_distributed
-    from universal.properties import activation_moments
+    from universal_neurons.ablation import AblationConfig, ablation_study
+    from universal_neurons.distributed import ablation_distributed, moments_distributed
+    from universal_neurons.properties import activation_moments
 
     lm = load_model(tiny_family[0], checkpoint=0)
     small = ts.select_rows(0, 64)

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from activations import TokenSetConfig, UniversalNeuronsError
-from cli.main import main as cli
+from universal_neurons.activations import TokenSetConfig, UniversalNeuronsError
+from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
-from universal import CorrelationConfig, load_universality_table
-from universal.pipeline import PipelineConfig, run_pipeline
+from universal_neurons import CorrelationConfig, load_universality_table
+from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
 TEXT = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
 CFG = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8)

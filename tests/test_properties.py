@@ -9,14 +9,14 @@ import pytest
 import scipy.stats as st
 import torch
 
-from activations import (StoreConfig, TokenSetConfig, UniversalNeuronsError, build_token_set, cache_activations,
+from universal_neurons.activations import (StoreConfig, TokenSetConfig, UniversalNeuronsError, build_token_set, cache_activations,
                          hook_name, load_model, mlp_activations, mlp_weights)
-from cli.main import main as cli
+from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
-from universal import (PropertiesConfig, StreamingMoments, activation_moments, classify_families, compare_universal,
+from universal_neurons import (PropertiesConfig, StreamingMoments, activation_moments, classify_families, compare_universal,
                        join_universality, load_properties, load_universality_table, properties_stage,
                        weight_properties)
-from universal.pipeline import PipelineConfig, run_pipeline
+from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
 TEXT = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
 RTOL = 1e-6

@@ -14,13 +14,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from activations import TokenSetConfig, UniversalNeuronsError
-from cli.main import main as cli
+from universal_neurons.activations import TokenSetConfig, UniversalNeuronsError
+from universal_neurons.cli.main import main as cli
 from tests._report_fixtures import write_synthetic_stages
 from tests.conftest import SAMPLE_TEXT
-from universal import figures as F
-from universal.pipeline import PipelineConfig, run_pipeline
-from universal.report import Report, report_stage
+from universal_neurons import figures as F
+from universal_neurons.pipeline import PipelineConfig, run_pipeline
+from universal_neurons.report import Report, report_stage
 
 TEXT = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
 # Two untrained seeds share little; a low cut flags some neurons so the table has rows.
@@ -141,7 +141,7 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
 
 
 def test_ablation_found_when_its_recorded_dir_is_relative_to_another_cwd(tmp_path):
-    from universal.report import load_run
+    from universal_neurons.report import load_run
 
     run = tmp_path / "run"
     (run / "ablation").mkdir(parents=True)

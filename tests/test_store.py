@@ -1,4 +1,4 @@
-"""activations.store: stores checked against TransformerLens' own run_with_cache, a real
+"""universal_neurons.activations.store: stores checked against TransformerLens' own run_with_cache, a real
 SIGKILL part-way through caching, and every refusal leaving existing files untouched."""
 
 import os
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from activations import UniversalNeuronsError, load_model
-from activations.store import (ActivationStore, LiveSource, StoreConfig, cache_activations, iter_aligned,
+from universal_neurons.activations import UniversalNeuronsError, load_model
+from universal_neurons.activations.store import (ActivationStore, LiveSource, StoreConfig, cache_activations, iter_aligned,
                                preflight_cache, store_filename)
-from activations.tokens import TokenSet, TokenSetConfig, build_token_set
+from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, build_token_set
 from conftest import SAMPLE_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_second_concurrent_writer_is_refused(lms, ts_other, tmp_path):
 
 
 def test_fp16_overflow_is_reported_and_leaves_nothing_corrupt(tokenizer, ts_other, tmp_path):
-    from activations.models import GPT2Config, init_gpt2, save_model_dir
+    from universal_neurons.activations.models import GPT2Config, init_gpt2, save_model_dir
 
     cfg = GPT2Config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=32, d_vocab=len(tokenizer))
     model = init_gpt2(cfg, seed=1)

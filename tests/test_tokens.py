@@ -1,4 +1,4 @@
-"""activations.tokens: checked against hand-built token streams from the tokenizer itself."""
+"""universal_neurons.activations.tokens: checked against hand-built token streams from the tokenizer itself."""
 
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from activations import UniversalNeuronsError
-from activations.tokens import TokenSet, TokenSetConfig, build_token_set, load_token_set, newline_ids, tokenizer_info
+from universal_neurons.activations import UniversalNeuronsError
+from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, build_token_set, load_token_set, newline_ids, tokenizer_info
 from conftest import SAMPLE_TEXT
 
 DOCS = ["Call me Ishmael.\nSome years ago.", "It is a truth.", "We the People of the United States."]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from activations import GPT2Config, TokenSetConfig, UniversalNeuronsError, build_token_set, list_checkpoints, load_model
-from universal.demo import unigram_entropy
-from universal.demo_data import demo_documents, demo_tokenizer
-from universal.training import TrainConfig, log_spaced_steps, train_family, train_seed
+from universal_neurons.activations import GPT2Config, TokenSetConfig, UniversalNeuronsError, build_token_set, list_checkpoints, load_model
+from universal_neurons.demo import unigram_entropy
+from universal_neurons.demo_data import demo_documents, demo_tokenizer
+from universal_neurons.training import TrainConfig, log_spaced_steps, train_family, train_seed
 
 N_CTX = 64
 
@@ -59,7 +59,7 @@ def test_killed_run_resumes_to_the_same_weights(rows, tmp_path, monkeypatch):
     cfg = small_config(n_tokens=60_000)
     whole = train_seed(train, val, tok, config=cfg, seed=3, seed_dir=tmp_path / "whole", show_progress=False)
 
-    import universal.training as tr
+    import universal_neurons.training as tr
 
     real = tr.save_model_dir
     calls = {"n": 0}

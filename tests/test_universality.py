@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from activations._errors import UniversalNeuronsError
-from activations._runtime import set_progress
-from universal.correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
-from universal.universality import (
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import set_progress
+from universal_neurons.correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
+from universal_neurons.universality import (
     PAPER_COLUMNS,
     flag_universal,
     load_universality_table,

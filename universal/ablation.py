@@ -44,9 +44,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from activations import ActivationStore, LoadedModel, TokenSet, hook_name, mlp_activations, run_with_post_hooks
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, progress, provenance_base, to_json
+from universal_neurons.activations import ActivationStore, LoadedModel, TokenSet, hook_name, mlp_activations, run_with_post_hooks
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, progress, provenance_base, to_json
 
 __all__ = [
     "ABLATION_KINDS",
@@ -897,7 +897,7 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
     """
 
     def stage(result) -> dict[str, Any]:
-        from activations import load_model
+        from universal_neurons.activations import load_model
 
         prov = result.model_provenance[0]
         ts = eval_tokens if eval_tokens is not None else result.token_set

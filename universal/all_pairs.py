@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from activations._runtime import pick_device
+from universal_neurons.runtime import pick_device
 
 from .correlation import (
     CorrelationConfig,

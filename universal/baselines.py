@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 import torch
 
-from activations._errors import UniversalNeuronsError
+from universal_neurons.errors import UniversalNeuronsError
 
 __all__ = [
     "BASELINES",

@@ -34,8 +34,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, pick_device, progress, provenance_base, to_json
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, pick_device, progress, provenance_base, to_json
 
 from . import baselines as _bl
 
@@ -995,7 +995,7 @@ def correlate_all_pairs(source: Iterable, layouts: Sequence[ModelLayout], config
 
     Same arguments as `correlate` (without `full_matrix_path`). With the rotation baseline
     (or none) and accumulators that fit `memory_budget`, one pass over the source serves
-    every reference (`universal.all_pairs`: C^{m,a} = (C^{a,m})^T, so half the GEMMs and
+    every reference (`universal_neurons.all_pairs`: C^{m,a} = (C^{a,m})^T, so half the GEMMs and
     one read of the source); otherwise `correlate` runs once per reference. Either way
     each result equals the single-reference `correlate` run with that model first.
     """

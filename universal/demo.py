@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from activations import GPT2Config, TokenSet, TokenSetConfig, build_token_set
-from activations._errors import UniversalNeuronsError
-from activations._runtime import to_json
+from universal_neurons.activations import GPT2Config, TokenSet, TokenSetConfig, build_token_set
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import to_json
 
 from .demo_data import demo_documents, demo_tokenizer
 from .training import TrainConfig, train_family

@@ -20,7 +20,7 @@ import lzma
 from pathlib import Path
 from typing import Iterator
 
-from activations._errors import UniversalNeuronsError
+from universal_neurons.errors import UniversalNeuronsError
 
 __all__ = ["DEMO_DATA_DIR", "DEMO_SPLITS", "demo_documents", "demo_tokenizer"]
 

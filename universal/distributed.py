@@ -39,9 +39,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from activations import ActivationStore, AlignedSource, LiveSource, StoreConfig, TokenSet, cache_activations, load_model
-from activations._errors import UniversalNeuronsError
-from activations._runtime import SCHEMA_VERSION, provenance_base, set_progress, to_json
+from universal_neurons.activations import ActivationStore, AlignedSource, LiveSource, StoreConfig, TokenSet, cache_activations, load_model
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import SCHEMA_VERSION, provenance_base, set_progress, to_json
 
 from .correlation import (
     CorrelationConfig,

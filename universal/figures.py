@@ -1,6 +1,6 @@
 """Stage: results on disk -> plotly figures. One public function per figure, each taking the
 tables a pipeline run leaves (universality table, properties, ablation, persistence) as pandas
-DataFrames and returning a `plotly.graph_objects.Figure`; the report (`universal.report`)
+DataFrames and returning a `plotly.graph_objects.Figure`; the report (`universal_neurons.report`)
 lays them out, and notebooks call them directly.
 
 Scatter plots of many points are WebGL traces (`go.Scattergl`); box plots of large groups are
@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from activations._errors import UniversalNeuronsError
+from universal_neurons.errors import UniversalNeuronsError
 
 __all__ = [
     "PROPERTY_COLUMNS",

@@ -36,9 +36,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from activations import StoreConfig, TokenSetConfig, list_checkpoints
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, provenance_base, to_json
+from universal_neurons.activations import StoreConfig, TokenSetConfig, list_checkpoints
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, provenance_base, to_json
 
 from .correlation import CorrelationConfig
 from .pipeline import PipelineConfig, run_pipeline

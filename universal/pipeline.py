@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from activations import (
+from universal_neurons.activations import (
     LiveSource,
     StoreConfig,
     TokenSet,
@@ -32,8 +32,8 @@ from activations import (
     iter_aligned,
     load_model,
 )
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, provenance_base, to_json
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, provenance_base, to_json
 
 from .correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
 from .distributed import cache_distributed, correlate_distributed, live_shards, using_cluster
@@ -171,7 +171,7 @@ def _correlate_stage(models, lms, labels, ts: TokenSet, out: Path, checkpoint, c
             path = out / "stores" / f"{lab}.h5"
             path.parent.mkdir(exist_ok=True)
             if path.exists() and not overwrite:
-                from activations import ActivationStore
+                from universal_neurons.activations import ActivationStore
 
                 with ActivationStore.open(path) as s:
                     same = (s.token_set_hash == ts.hash and s.model.get("resolved") == lm.provenance["resolved"]

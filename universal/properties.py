@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from activations import ActivationStore, LoadedModel, TokenSet, hook_name, load_model, mlp_activations, mlp_weights
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, progress, provenance_base, to_json
+from universal_neurons.activations import ActivationStore, LoadedModel, TokenSet, hook_name, load_model, mlp_activations, mlp_weights
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, progress, provenance_base, to_json
 
 __all__ = [
     "PropertiesConfig",
@@ -228,7 +228,7 @@ def weight_properties(weights: LoadedModel | Mapping[str, Any], *,
 
 def _vocab_moments(W_out: torch.Tensor, W_U: torch.Tensor, config: PropertiesConfig) -> dict[str, np.ndarray]:
     """Moments over the vocabulary of cos(w_out_i, W_U[:, v]); W_out `[neuron, d_model]`."""
-    from activations import pick_device
+    from universal_neurons.activations import pick_device
 
     dev, dt = pick_device(config.device), getattr(torch, config.vocab_dtype)
     u_norm = W_U.norm(dim=0)

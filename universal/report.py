@@ -8,9 +8,9 @@ What it reads (each optional but the first two):
 
     summary.json, universality.csv          headline numbers, provenance, the universality table
     properties.csv, property_comparison.csv neuron properties, universal vs other
-    ablation/ablation_summary.csv, ablation_runs.csv   universal sets vs random controls (universal.ablation)
+    ablation/ablation_summary.csv, ablation_runs.csv   universal sets vs random controls (universal_neurons.ablation)
     persistence/persistence_*.csv, partner_consistency.csv, emergence.csv
-                                            persistence across checkpoints (universal.persistence);
+                                            persistence across checkpoints (universal_neurons.persistence);
                                             without emergence.csv, emergence from checkpoints/step-*/
 
 `report_stage` is the same as a pipeline stage: `run_pipeline(..., extra_stages=[..., report_stage])`
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from activations._errors import UniversalNeuronsError
+from universal_neurons.errors import UniversalNeuronsError
 
 from . import figures as F
 from .universality import load_universality_table
@@ -108,7 +108,7 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
         raise UniversalNeuronsError(f"{d} has no universality.csv or universality.h5; run the pipeline first")
     table = load_universality_table(table_path)
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
-    # universal.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
+    # universal_neurons.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
     abl_info = summary.get("ablation") if isinstance(summary.get("ablation"), dict) else {}
     # the stage records its directory as it was given (maybe relative to another working
     # directory, or None when skipped): look for it by name inside this run directory
@@ -116,7 +116,7 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     abl = next((p for p in (d / recorded.name, recorded, d) if (p / "ablation_summary.csv").exists()), d)
     pers_dir = d / "persistence"
     persistence = {}
-    if pers_dir.is_dir():  # file names of universal.persistence.PersistenceResult.save
+    if pers_dir.is_dir():  # file names of universal_neurons.persistence.PersistenceResult.save
         for key, name in (("overall", "persistence_overall.csv"), ("per_layer", "persistence_per_layer.csv"),
                           ("partner_consistency", "partner_consistency.csv"), ("emergence", "emergence.csv")):
             df = _csv(pers_dir / name)

@@ -7,7 +7,7 @@ Token rows in (BOS first, like every token set of the toolkit), model directorie
     family_dir/seed-a/checkpoint-120/
     family_dir/seed-a/resume.pt          optimiser state of the last checkpoint (for resuming)
 
-Each checkpoint directory loads offline with `activations.load_model(seed_dir, checkpoint=step)`.
+Each checkpoint directory loads offline with `universal_neurons.activations.load_model(seed_dir, checkpoint=step)`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from activations._errors import UniversalNeuronsError
-from activations._runtime import package_versions, pick_device, progress
-from activations.models import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import package_versions, pick_device, progress
+from universal_neurons.activations.models import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
 
 __all__ = ["TrainConfig", "TrainResult", "train_seed", "train_family", "log_spaced_steps", "seed_label"]
 

@@ -19,8 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from activations._errors import UniversalNeuronsError
-from activations._runtime import from_json, provenance_base, to_json
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, provenance_base, to_json
 
 from .correlation import CorrelationResult
 

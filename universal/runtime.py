@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._errors import UniversalNeuronsError
+from .errors import UniversalNeuronsError
 
 __all__ = [
     "SCHEMA_VERSION",
