@@ -32,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "GPT2Config",
     "load_model",
+    "load_from_provenance",
     "hook_name",
     "parse_hook_name",
     "mlp_activations",
@@ -275,6 +276,30 @@ def load_model(
         "versions": package_versions(),
     }
     return LoadedModel(model=bridge, tokenizer=tokenizer, provenance=provenance)
+
+
+def load_from_provenance(provenance: dict[str, Any], *, device: str | None = None,
+                         process_weights: bool | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load the model a result's provenance names, exactly as it was loaded then.
+
+    A local model is loaded from `resolved` (already the checkpoint directory); a hub model
+    from its canonical repository `resolved` at the recorded `checkpoint`.
+
+    Args:
+        provenance: `LoadedModel.provenance` as saved in any artefact.
+        device: where to load it; `None` picks CUDA when present.
+        process_weights: `None` repeats the recorded weight processing.
+        dtype: `None` repeats the recorded dtype.
+
+    Returns:
+        The `LoadedModel`.
+    """
+    if process_weights is None:
+        process_weights = bool((provenance.get("weight_processing") or {}).get("fold_ln", True))
+    local = provenance.get("source") == "local"
+    return load_model(provenance["resolved"], checkpoint=None if local else provenance.get("checkpoint"),
+                      device=device, dtype=dtype or provenance.get("dtype") or "float32",
+                      process_weights=process_weights)
 
 
 def _hub_revision(repo: str, checkpoint: int | None) -> str | None:
