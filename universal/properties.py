@@ -278,13 +278,13 @@ def activation_moments(
     if not kinds or set(kinds) - {"pre", "post"}:
         raise UniversalNeuronsError(f"kinds must name 'pre' and/or 'post', got {kinds!r}")
     if isinstance(source, LoadedModel):
-        accs, layers, d, info = _moments_live(source, token_set, kinds, batch_rows, progress_bar)
+        accs, layers, d, info = live_moments(source, token_set, kinds, batch_rows, progress_bar)
     else:
         accs, layers, d, info = _moments_store(source, token_set, kinds, batch_rows, progress_bar)
-    return _moments_frame(accs, layers, d, kinds, info)
+    return moments_frame(accs, layers, d, kinds, info)
 
 
-def _moments_frame(accs: Mapping[tuple[int, str], StreamingMoments], layers: Sequence[int], d: int,
+def moments_frame(accs: Mapping[tuple[int, str], StreamingMoments], layers: Sequence[int], d: int,
                    kinds: Sequence[str], info: dict[str, Any]) -> pd.DataFrame:
     """The table `activation_moments` returns, from finished `{(layer, kind): StreamingMoments}`."""
     cols: dict[str, Any] = {"layer": np.repeat(layers, d), "neuron": np.tile(np.arange(d), len(layers))}
@@ -300,7 +300,7 @@ def _moments_frame(accs: Mapping[tuple[int, str], StreamingMoments], layers: Seq
     return df
 
 
-def _check_live(lm, token_set) -> None:
+def check_live(lm, token_set) -> None:
     if token_set is None:
         raise UniversalNeuronsError("activation moments of a live model need a token_set (the rows to run)")
     if token_set.ctx_len > lm.n_ctx or int(token_set.ids.max()) >= lm.d_vocab:
@@ -309,8 +309,8 @@ def _check_live(lm, token_set) -> None:
                                     "with this model's tokenizer and ctx_len <= n_ctx")
 
 
-def _moments_live(lm, token_set, kinds, batch_rows, progress_bar):
-    _check_live(lm, token_set)
+def live_moments(lm, token_set, kinds, batch_rows, progress_bar):
+    check_live(lm, token_set)
     layers, d = list(range(lm.n_layers)), lm.d_mlp
     accs = {(l, k): StreamingMoments(d) for l in layers for k in kinds}
     bar = progress(total=token_set.n_tokens, desc=f"moments {lm.name}", unit="tok", unit_scale=True,
