@@ -40,24 +40,15 @@ __all__ = [
     "run_with_post_hooks",
     "init_gpt2",
     "save_model_dir",
-    "read_training_record",
     "checkpoint_dir",
     "list_checkpoints",
-    "SEED_FAMILIES",
 ]
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 HookKind = Literal["post", "pre"]
 
 TRAINING_RECORD = "universal_neurons.json"  # written next to the weights of toolkit-trained models
-
-# Seed families named in METHOD.md section 1 (TransformerLens alias -> hub repo).
-SEED_FAMILIES: dict[str, list[str]] = {
-    "stanford-gpt2-small": [f"stanford-gpt2-small-{c}" for c in "abcde"],
-    "stanford-gpt2-medium": [f"stanford-gpt2-medium-{c}" for c in "abcde"],
-    "pythia-160m": ["pythia-160m", "pythia-160m-seed1", "pythia-160m-seed2", "pythia-160m-seed3"],
-}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -516,9 +507,3 @@ def save_model_dir(model, tokenizer, path: str | os.PathLike, record: dict[str, 
         shutil.rmtree(path)
     tmp.rename(path)
     return path
-
-
-def read_training_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The training record saved next to a toolkit-trained model, or None."""
-    f = Path(path) / TRAINING_RECORD
-    return json.loads(f.read_text()) if f.exists() else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import shutil
@@ -29,7 +28,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.artifacts import exists_message
+from universal_neurons.errors import OutputExistsError, UniversalNeuronsError
+from universal_neurons.config import Config
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
 from .models import LoadedModel, hook_name, mlp_activations, parse_hook_name
 from .tokens import TokenSet, TokenSetConfig
@@ -45,7 +46,7 @@ __all__ = [
     "store_filename",
 ]
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 _KIND = "activation_store"
 _FP16_MAX = 65504.0
@@ -61,7 +62,7 @@ class _Overflow(UniversalNeuronsError):
 
 
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(Config):
     """What an activation store holds and how it is laid out on disk."""
 
     kinds: tuple[str, ...] = ("post",)  # 'post' = after the nonlinearity (the paper's neuron); 'pre' for moments
@@ -73,30 +74,20 @@ class StoreConfig:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
         for k in kinds:
             if k not in ("post", "pre"):
-                raise UniversalNeuronsError(f"unknown hook kind {k!r}; use 'post' (after the nonlinearity) or 'pre'")
+                self.fail(f"unknown hook kind {k!r}; use 'post' (after the nonlinearity) or 'pre'")
         if not kinds or len(set(kinds)) != len(kinds):
-            raise UniversalNeuronsError(f"kinds must be a non-empty list without repeats, got {self.kinds!r}")
+            self.fail(f"kinds must be a non-empty list without repeats, got {self.kinds!r}")
         object.__setattr__(self, "kinds", kinds)
         if self.dtype not in ("float16", "float32"):
-            raise UniversalNeuronsError(f"unknown store dtype {self.dtype!r}; use 'float16' or 'float32'")
+            self.fail(f"unknown store dtype {self.dtype!r}; use 'float16' or 'float32'")
         if self.compression not in (None, "gzip", "lzf"):
-            raise UniversalNeuronsError(f"unknown compression {self.compression!r}; use None, 'gzip' or 'lzf'")
+            self.fail(f"unknown compression {self.compression!r}; use None, 'gzip' or 'lzf'")
         if self.layers is not None:
             layers = tuple(sorted({int(l) for l in self.layers}))
             if not layers or layers[0] < 0:
-                raise UniversalNeuronsError(f"layers must be non-negative layer indices, got {self.layers!r}")
+                self.fail(f"layers must be non-negative layer indices, got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StoreConfig":
-        d = dict(d)
-        d["kinds"] = tuple(d["kinds"])
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        return cls(**d)
 
 
 def store_filename(provenance: dict[str, Any], token_set: TokenSet) -> str:
@@ -185,33 +176,30 @@ def preflight_cache(lm_or_provenance, token_set: TokenSet, config: StoreConfig =
 
 @contextlib.contextmanager
 def _writer_lock(path: Path) -> Iterator[None]:
-    """One writer per store: an exclusive, non-blocking `flock` on `<path>.lock` holding the pid."""
-    lock = path.with_name(path.name + ".lock")
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UniversalNeuronsError(
-                f"another process (pid {holder}) is writing {path}; wait for it to finish or stop it. "
-                f"If no such process runs, delete {lock}") from None
-        try:  # the previous holder may have unlinked the file we opened: lock the current one instead
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+    """One writer per store: a non-blocking `filelock` on `<path>.lock`; the holder's pid is in
+    `<path>.lock.pid` so that a refused writer can say who holds it."""
+    from filelock import FileLock, Timeout
+
+    lock_path = path.with_name(path.name + ".lock")
+    pid_path = path.with_name(path.name + ".lock.pid")
+    lock = FileLock(lock_path, timeout=0)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = pid_path.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise UniversalNeuronsError(
+            f"another process (pid {holder}) is writing {path}; wait for it to finish or stop it. "
+            f"If no such process runs, delete {lock_path}") from None
+    try:
+        pid_path.write_text(str(os.getpid()))
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+        pid_path.unlink(missing_ok=True)
+        lock.release()
+        lock_path.unlink(missing_ok=True)
 
 
 def _identity(prov: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +292,6 @@ def cache_activations(
     batch_rows: int | None = None,
     overwrite: bool = False,
     progress_bar: bool | None = None,
-    _after_batch: Callable[[int], None] | None = None,
 ) -> Path:
     """Run `lm` over every row of `token_set` and stream its MLP activations to `path`.
 
@@ -337,12 +324,11 @@ def cache_activations(
             head = _read_head(path)
             theirs = head["token_set_hash"] if head else "unreadable"
             if head is not None and theirs != token_set.hash and not overwrite:
-                raise UniversalNeuronsError(
+                raise OutputExistsError(
                     f"{path} holds activations of token set {theirs}, not the requested {token_set.hash}; "
-                    "choose another path, or pass overwrite=True to replace it")
+                    "choose another path, or pass --overwrite (overwrite=True in Python) to replace it")
             if not overwrite:
-                raise UniversalNeuronsError(f"{path} already exists; open it with ActivationStore.open, or pass "
-                                            "overwrite=True to replace it")
+                raise OutputExistsError(f"{exists_message(path)}; to read it, open it with ActivationStore.open")
         start = None if overwrite else _resume_point(partial, lm, token_set, config)
         if start is None:
             _create(partial, lm, token_set, config, layers)
@@ -350,7 +336,7 @@ def cache_activations(
         elif start:
             log.info("resuming %s from row %d of %d", partial, start, token_set.n_rows)
         try:
-            _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar, _after_batch)
+            _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar)
         except _Overflow:
             partial.unlink()  # float16 cannot hold this model's activations: the partial can never be finished
             raise
@@ -358,7 +344,13 @@ def cache_activations(
     return path
 
 
-def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar, after_batch) -> None:
+def after_batch(rows_done: int) -> None:
+    """Called by `cache_activations` each time a batch is flushed to disk, with the number of
+    rows now complete. Does nothing; tests and tools replace it (`monkeypatch.setattr`) to
+    watch a run or interrupt it at a known point."""
+
+
+def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar) -> None:
     import h5py
 
     ctx, d = token_set.ctx_len, lm.d_mlp
@@ -387,8 +379,7 @@ def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progr
                 f.attrs["complete_rows"] = r1
                 f.flush()
                 bar.update((r1 - r0) * ctx)
-                if after_batch is not None:
-                    after_batch(r1)
+                after_batch(r1)
         finally:
             bar.close()
 

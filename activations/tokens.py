@@ -22,17 +22,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.artifacts import atomic_path
+from universal_neurons.config import Config
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, hub_reachable, progress, provenance_base, to_json
 
 __all__ = ["TokenSetConfig", "TokenSet", "build_token_set", "load_token_set", "tokenizer_info", "newline_ids"]
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 _KIND = "token_set"
 
 
 @dataclass(frozen=True)
-class TokenSetConfig:
+class TokenSetConfig(Config):
     """How a token set is cut, sampled and masked. Stored in the token set's attributes."""
 
     ctx_len: int = 256  # the paper uses 512; 256 keeps CPU runs of small models fast
@@ -48,9 +50,7 @@ class TokenSetConfig:
     hf_split: str = "train"  # split of an `hf:<dataset>` source
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise UniversalNeuronsError(f"TokenSetConfig: {msg}")
-
+        bad = self.fail
         if not isinstance(self.ctx_len, int) or self.ctx_len < 2:
             bad(f"ctx_len must be an integer >= 2 (BOS plus at least one token), got {self.ctx_len!r}")
         if self.n_tokens is not None and (not isinstance(self.n_tokens, int) or self.n_tokens < self.ctx_len):
@@ -66,21 +66,6 @@ class TokenSetConfig:
             object.__setattr__(self, name, tuple(int(i) for i in v))
         if not isinstance(self.text_field, str) or not self.text_field:
             bad(f"text_field must be a non-empty string, got {self.text_field!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenSetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UniversalNeuronsError(f"TokenSetConfig has no field(s) {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        for k in ("newline_ids", "extra_exclude_ids"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------- tokenizer facts
@@ -210,12 +195,7 @@ class TokenSet:
         """Write the token set to one HDF5 file (via a temporary file, renamed when complete)."""
         import h5py
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise UniversalNeuronsError(f"{path} already exists; pass overwrite=True to replace it or choose another path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # per process: concurrent savers never share it
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
             for name in ("ids", "mask", "doc_index"):
                 d = f.create_dataset(name, data=getattr(self, name))
                 d.dims[0].label, d.dims[1].label = "row", "pos"
@@ -224,8 +204,7 @@ class TokenSet:
             f.attrs.update(self.attrs())
             f.attrs.update({"kind": _KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(prov),
                             "n_rows": self.n_rows, "ctx_len": self.ctx_len})
-        os.replace(tmp, path)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenSet":

@@ -5,6 +5,7 @@ import sys
 import time
 
 from universal_neurons.activations import load_model
+from universal_neurons.activations import store
 from universal_neurons.activations.store import StoreConfig, cache_activations
 from universal_neurons.activations.tokens import load_token_set
 
@@ -15,7 +16,8 @@ if __name__ == "__main__":
         print(f"rows {rows}", flush=True)
         time.sleep(0.05)
 
+    store.after_batch = after
     lm = load_model(model_dir, checkpoint=0)
     cache_activations(lm, load_token_set(token_path), out, config=StoreConfig(dtype=dtype, kinds=("post", "pre")),
-                      batch_rows=4, _after_batch=after)
+                      batch_rows=4)
     print("done", flush=True)

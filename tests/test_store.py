@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from universal_neurons.activations import UniversalNeuronsError, load_model
+from universal_neurons.activations import store as store_module
 from universal_neurons.activations.store import (ActivationStore, LiveSource, StoreConfig, cache_activations, iter_aligned,
                                preflight_cache, store_filename)
 from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, build_token_set
@@ -136,7 +137,7 @@ def test_iter_aligned_and_live_source_agree_with_the_store(fp32_store, lms, ts, 
             np.testing.assert_array_equal(torch.cat([a[k] for _, a in got]).numpy(), cat[k])
 
 
-def test_killed_run_resumes_to_identical_datasets(tiny_family, lms, ts, tmp_path):
+def test_killed_run_resumes_to_identical_datasets(tiny_family, lms, ts, tmp_path, monkeypatch):
     tok_path = ts.save(tmp_path / "tokens.h5")
     out = tmp_path / "k.h5"
     partial = out.with_name(out.name + ".partial")
@@ -157,8 +158,9 @@ def test_killed_run_resumes_to_identical_datasets(tiny_family, lms, ts, tmp_path
     with pytest.raises(UniversalNeuronsError, match="unfinished run"):
         ActivationStore.open(out)
     seen = []
-    cache_activations(lms[0], ts, out, config=StoreConfig(kinds=("post", "pre")), batch_rows=4,
-                      _after_batch=seen.append)
+    monkeypatch.setattr(store_module, "after_batch", seen.append)
+    cache_activations(lms[0], ts, out, config=StoreConfig(kinds=("post", "pre")), batch_rows=4)
+    monkeypatch.undo()
     assert seen[0] == done + 4 and not partial.exists()  # restarted from the last complete batch
     clean = cache_activations(lms[0], ts, tmp_path / "clean.h5", config=StoreConfig(kinds=("post", "pre")),
                               batch_rows=4)
@@ -168,14 +170,16 @@ def test_killed_run_resumes_to_identical_datasets(tiny_family, lms, ts, tmp_path
         np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_resume_refuses_a_partial_for_another_config(lms, ts, tmp_path):
+def test_resume_refuses_a_partial_for_another_config(lms, ts, tmp_path, monkeypatch):
     out = tmp_path / "r.h5"
 
     def stop(rows):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(store_module, "after_batch", stop)
     with pytest.raises(KeyboardInterrupt):
-        cache_activations(lms[0], ts, out, batch_rows=8, _after_batch=stop)
+        cache_activations(lms[0], ts, out, batch_rows=8)
+    monkeypatch.undo()
     partial = out.with_name("r.h5.partial")
     before = _snapshot(partial)
     with pytest.raises(UniversalNeuronsError, match="another model or configuration.*overwrite=True"):
@@ -204,7 +208,7 @@ def test_overwrite_replaces_only_when_complete(lms, ts_other, tmp_path):
         assert st.model["training_record"]["seed"] == 2 and not np.array_equal(st["blocks.0.mlp.hook_post"][:], old)
 
 
-def test_second_concurrent_writer_is_refused(lms, ts_other, tmp_path):
+def test_second_concurrent_writer_is_refused(lms, ts_other, tmp_path, monkeypatch):
     out = tmp_path / "c.h5"
     errors = []
 
@@ -216,8 +220,9 @@ def test_second_concurrent_writer_is_refused(lms, ts_other, tmp_path):
             with pytest.raises(UniversalNeuronsError, match="is writing"):
                 cache_activations(lms[0], ts_other, out, overwrite=True)
 
-    cache_activations(lms[0], ts_other, out, config=StoreConfig(dtype="float32"), batch_rows=8,
-                      _after_batch=second_writer)
+    monkeypatch.setattr(store_module, "after_batch", second_writer)
+    cache_activations(lms[0], ts_other, out, config=StoreConfig(dtype="float32"), batch_rows=8)
+    monkeypatch.undo()
     assert len(errors) == 1 and not Path(str(out) + ".lock").exists()
     ref = _reference(lms[0], ts_other)
     with ActivationStore.open(out) as st:  # the first writer's file is intact

@@ -29,7 +29,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1  # bump when an on-disk layout changes incompatibly
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 _PROGRESS_ENABLED = os.environ.get("UNIVERSAL_NEURONS_PROGRESS", "1") != "0"
 
