@@ -8,8 +8,47 @@ import sys
 from pathlib import Path
 
 from .main import command
+from .options import Flag, add_flags, config_from_args, field_default
 
-log = logging.getLogger("universal_neurons")
+TOKEN_FLAGS = (
+    Flag("ctx_len", "--ctx-len", "row length incl. BOS (the paper: 512)"),
+    Flag("n_tokens", "--n-tokens", "tokens to sample (whole rows); default all"),
+    Flag("seed", "--seed", "seed of the row sample"),
+    Flag("exclude_newlines", "--keep-newlines", "do not mask newline tokens", negate=True),
+    Flag("text_field", "--text-field", "field of .jsonl records"),
+)
+PIPELINE_FLAGS = (
+    Flag("threshold", "--threshold", "universal iff excess_corr > threshold"),
+    Flag("cache", "--no-cache", "correlate from live models; write no activation stores", negate=True),
+    Flag("batch_rows", "--batch-rows", "token rows per forward pass / correlation batch"),
+    Flag("process_weights", "--no-weight-processing",
+         "raw weights (default: fold LN, centre writing weights and unembedding, as the paper)", negate=True),
+)
+ABLATION_FLAGS = (
+    Flag("kind", "--kind", "value written into the ablated neurons", choices=("zero", "mean", "fixed")),
+    Flag("value", "--value", "the activation written by --kind fixed"),
+    Flag("n_controls", "--controls", "random control sets per ablated set"),
+    Flag("seed", "--seed", "seed of control draws and bootstrap"),
+    Flag("n_bootstrap", "--bootstrap", "bootstrap replicates"),
+    Flag("batch_rows", "--batch-rows", "rows per forward pass (default: automatic)"),
+    Flag("per_layer", "--no-per-layer", "skip the one-layer-at-a-time groups", negate=True),
+)
+PROPERTIES_FLAGS = (
+    Flag("batch_rows", "--batch-rows", "token rows per forward pass / store read for activation moments"),
+)
+CORRELATION_FLAGS = (
+    Flag("baseline", "--baseline", "chance baseline", choices=("rotation", "gaussian", "permutation", "none")),
+    Flag("seed", "--baseline-seed", "seed of the baseline's rotations / noise / permutations"),
+    Flag("precision", "--precision", "GEMM precision: fp32 exact; bf16 ~2x faster on CPU, error ~2e-3",
+         choices=("fp32", "bf16", "tf32")),
+    Flag("absolute", "--absolute", "rank partners by |rho|"),
+    Flag("memory_budget", "--memory-gb", "accumulator budget in GiB; above it, neuron blocks", type=float,
+         to_field=lambda gib: int(gib * 2**30), from_field=lambda b: b / 2**30),
+    Flag("top_k", "--top-k", "keep the k best partners per neuron (0 = off)"),
+    Flag("hist_bins", "--hist-bins", "per-neuron histogram of rho on [-1, 1] (0 = off)"),
+)
+
+log = logging.getLogger(__name__)
 
 
 def _say(msg: str) -> None:
@@ -20,12 +59,14 @@ def _ints(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+# The config classes are imported inside the functions: a subcommand's options are built only
+# when that subcommand runs, so `universal-neurons --help` imports neither torch nor TransformerLens.
+
+
 def _token_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ctx-len", type=int, default=256, help="row length incl. BOS (paper: 512; default 256)")
-    p.add_argument("--n-tokens", type=int, default=None, help="tokens to sample (whole rows); default all")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row sample")
-    p.add_argument("--keep-newlines", action="store_true", help="do not mask newline tokens")
-    p.add_argument("--text-field", default="text", help="field of .jsonl records")
+    from universal_neurons.activations.tokens import TokenSetConfig
+
+    add_flags(p, TokenSetConfig, TOKEN_FLAGS)
 
 
 def _cluster_arg(p: argparse.ArgumentParser) -> None:
@@ -35,30 +76,38 @@ def _cluster_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _token_config(a):
-    from universal_neurons.activations import TokenSetConfig
+    from universal_neurons.activations.tokens import TokenSetConfig
 
-    return TokenSetConfig(ctx_len=a.ctx_len, n_tokens=a.n_tokens, seed=a.seed,
-                          exclude_newlines=not a.keep_newlines, text_field=a.text_field)
+    return config_from_args(TokenSetConfig, a, TOKEN_FLAGS)
 
 
 def _corr_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--baseline", default="rotation", choices=["rotation", "gaussian", "permutation", "none"])
-    p.add_argument("--baseline-seed", type=int, default=0)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "tf32"],
-                   help="GEMM precision: fp32 exact; bf16 ~2x faster on CPU, error ~2e-3")
-    p.add_argument("--absolute", action="store_true", help="rank partners by |rho|")
-    p.add_argument("--memory-gb", type=float, default=2.0, help="accumulator budget; above it, neuron blocks")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--hist-bins", type=int, default=0)
+    from universal_neurons.correlation import CorrelationConfig
+
+    add_flags(p, CorrelationConfig, CORRELATION_FLAGS)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
 
 
 def _corr_config(a):
-    from universal_neurons import CorrelationConfig
+    from universal_neurons.correlation import CorrelationConfig
 
-    return CorrelationConfig(baseline=a.baseline, seed=a.baseline_seed, precision=a.precision, absolute=a.absolute,
-                             memory_budget=int(a.memory_gb * 2**30), top_k=a.top_k, hist_bins=a.hist_bins,
-                             device=a.device or "auto")
+    return config_from_args(CorrelationConfig, a, CORRELATION_FLAGS, device=a.device or "auto")
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    from universal_neurons.activations.store import StoreConfig
+
+    p.add_argument("--pre", action="store_true", help="also store hook_pre (the pre-activation)")
+    p.add_argument("--fp32", action="store_true", help="store float32 (default float16)")
+    p.add_argument("--compression", choices=["gzip", "lzf"], default=field_default(StoreConfig, "compression"))
+
+
+def _store_config(a):
+    from universal_neurons.activations.store import StoreConfig
+
+    kinds = field_default(StoreConfig, "kinds")
+    return StoreConfig(kinds=(*kinds, "pre") if a.pre else kinds,
+                       dtype="float32" if a.fp32 else field_default(StoreConfig, "dtype"), compression=a.compression)
 
 
 # ---------------------------------------------------------------------------- tokenize
@@ -91,9 +140,7 @@ def _add_cache(p):
     p.add_argument("--tokens", required=True, help="token set from `universal-neurons tokenize`")
     p.add_argument("-o", "--out", required=True, help="store file (.h5)")
     p.add_argument("--checkpoint", type=int, default=None, help="training step")
-    p.add_argument("--pre", action="store_true", help="also store hook_pre")
-    p.add_argument("--fp32", action="store_true", help="store float32 (default float16)")
-    p.add_argument("--compression", choices=["gzip", "lzf"], default=None)
+    _store_args(p)
     p.add_argument("--batch-rows", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
@@ -102,11 +149,10 @@ def _add_cache(p):
 
 @command("cache", "run a model over a token set and stream its MLP activations to HDF5 (resumable)")(_add_cache)
 def _cache(a):
-    from universal_neurons.activations import StoreConfig, cache_activations, load_model, load_token_set, preflight_cache
+    from universal_neurons.activations import cache_activations, load_model, load_token_set, preflight_cache
 
     ts = load_token_set(a.tokens)
-    cfg = StoreConfig(kinds=("post", "pre") if a.pre else ("post",), dtype="float32" if a.fp32 else "float16",
-                      compression=a.compression)
+    cfg = _store_config(a)
     if a.cluster:  # shards cached by the workers, stitched into one store at --out
         from universal_neurons.distributed import cache_distributed
 
@@ -138,64 +184,15 @@ def _add_correlate(p):
 
 @command("correlate", "correlate every neuron of the reference with every neuron of the others, with a baseline")(_add_correlate)
 def _correlate(a):
-    from universal_neurons.activations import ActivationStore, iter_aligned
-    from universal_neurons import ModelLayout, correlate, correlate_all_pairs, preflight
-    from universal_neurons.training import seed_label
+    from universal_neurons.pipeline import correlate_stores
 
-    labels = a.labels.split(",") if a.labels else [seed_label(k) for k in range(len(a.stores))]
-    if len(labels) != len(a.stores):
-        from universal_neurons.activations import UniversalNeuronsError
-
-        raise UniversalNeuronsError(f"--labels names {len(labels)} models but {len(a.stores)} stores were given")
-    layouts, provs = [], []
-    for lab, p in zip(labels, a.stores):
-        with ActivationStore.open(p) as s:
-            layouts.append(ModelLayout(lab, len(s.layers), s.d_mlp))
-            provs.append(s.provenance)
-            n_tokens, ts_hash = s.n_tokens, s.token_set_hash
-    cfg = _corr_config(a)
-    if a.all_pairs and a.full_matrix:
-        from universal_neurons.activations import UniversalNeuronsError
-
-        raise UniversalNeuronsError("--full-matrix is not available with --all-pairs; run `correlate` with the "
-                                    "reference's store first for its full matrices")
-    out = Path(a.out)
-    outs = [out.with_name(f"{out.stem}-ref-{lab}{out.suffix}") for lab in labels] if a.all_pairs else [out]
-    for path in outs + ([Path(a.full_matrix)] if a.full_matrix and not a.all_pairs else []):
-        if path.exists() and not a.overwrite:  # refuse before the work, not after it
-            from universal_neurons.activations import UniversalNeuronsError
-
-            raise UniversalNeuronsError(f"{str(path)!r} already exists; pass --overwrite to replace it or choose "
-                                        "another -o")
+    res = correlate_stores(a.stores, a.out, labels=a.labels.split(",") if a.labels else None, config=_corr_config(a),
+                           batch_tokens=a.batch_tokens, cluster=a.cluster, all_pairs=a.all_pairs,
+                           full_matrix_path=a.full_matrix, device=a.device, overwrite=a.overwrite, say=_say)
     if a.all_pairs:
-        from universal_neurons.all_pairs import preflight_all_pairs
-
-        _say("preflight: " + preflight_all_pairs(layouts, n_tokens, cfg)["summary"])
-    else:
-        _say("preflight: " + preflight(layouts, n_tokens, cfg)["summary"])
-    source = iter_aligned(a.stores, batch_tokens=a.batch_tokens, device=a.device)
-    prov = {"models": [p.get("model", p) for p in provs], "labels": labels, "stores": [str(Path(s).resolve()) for s in a.stores],
-            "token_set": {"hash": ts_hash}}
-    if a.all_pairs:
-        if a.cluster:
-            from universal_neurons.activations import UniversalNeuronsError
-
-            raise UniversalNeuronsError("--all-pairs does not run on a cluster yet; run one `correlate --cluster` "
-                                        "per reference (list its store first)")
-        results = correlate_all_pairs(source, layouts, cfg, provenance=prov)
-        for (lab, res), path in zip(results.items(), outs):
-            res.save(path, overwrite=a.overwrite)
-            _say(f"reference {lab}: -> {path}")
         return 0
     if a.cluster:
-        from universal_neurons.distributed import correlate_distributed
-
-        res = correlate_distributed(source, layouts, cfg, cluster=a.cluster, provenance=prov,
-                                    full_matrix_path=a.full_matrix, overwrite=a.overwrite)
         _say(f"cluster {a.cluster}: {res.provenance['distributed']}")
-    else:
-        res = correlate(source, layouts, cfg, provenance=prov, full_matrix_path=a.full_matrix, overwrite=a.overwrite)
-    res.save(a.out, overwrite=a.overwrite)
     dead = ", ".join(f"{k}: {int(v.sum())}" for k, v in res.dead.items())
     _say(f"correlated {res.n_tokens:,} tokens; dead neurons {dead} -> {a.out}")
 
@@ -203,7 +200,10 @@ def _correlate(a):
 def _add_flag(p):
     p.add_argument("correlation", help="result of `universal-neurons correlate`")
     p.add_argument("-o", "--out", required=True, help="table file: .csv or .h5")
-    p.add_argument("--threshold", type=float, default=0.5, help="universal iff excess_corr > threshold")
+    from universal_neurons.universality import UNIVERSAL_THRESHOLD
+
+    p.add_argument("--threshold", type=float, default=UNIVERSAL_THRESHOLD,
+                   help=f"universal iff excess_corr > threshold (default: {UNIVERSAL_THRESHOLD}, the paper's)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -225,13 +225,20 @@ def _flag(a):
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     """What every pipeline-running subcommand (run, persistence) takes."""
+    from universal_neurons.pipeline import PipelineConfig
+
     p.add_argument("--labels", default=None)
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--no-cache", action="store_true", help="correlate from live models; write no activation stores")
-    p.add_argument("--batch-rows", type=int, default=32)
+    add_flags(p, PipelineConfig, PIPELINE_FLAGS)
     p.add_argument("--overwrite", action="store_true")
     _token_args(p)
     _corr_args(p)
+
+
+def _pipeline_config(a, *, cluster: str | None = None):
+    from universal_neurons.pipeline import PipelineConfig
+
+    return config_from_args(PipelineConfig, a, PIPELINE_FLAGS, tokens=_token_config(a), correlation=_corr_config(a),
+                            device=a.device, cluster=cluster)
 
 
 def _add_run(p):
@@ -251,8 +258,7 @@ def _add_run(p):
 def _run(a):
     from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
-                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device, cluster=a.cluster)
+    cfg = _pipeline_config(a, cluster=a.cluster)
     stages = _later_stages(a, steps=_ints(a.steps) if a.steps else None, overwrite=a.overwrite)
     res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint, labels=a.labels.split(",") if a.labels else None,
                        config=cfg, overwrite=a.overwrite, extra_stages=stages)
@@ -370,16 +376,12 @@ def _add_ablate(p):
                    help="universality table (.csv/.h5; ablates is_universal), or a CSV of layer,neuron to ablate")
     p.add_argument("--tokens", required=True, help="held-out token set from `universal-neurons tokenize`")
     p.add_argument("-o", "--out", required=True, help="output directory")
-    p.add_argument("--kind", default="mean", choices=["zero", "mean", "fixed"], help="ablation value (default mean)")
-    p.add_argument("--value", type=float, default=None, help="the activation written by --kind fixed")
-    p.add_argument("--controls", type=int, default=5, help="random control sets per ablated set")
-    p.add_argument("--seed", type=int, default=0, help="seed of control draws and bootstrap")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
-    p.add_argument("--no-per-layer", action="store_true", help="skip the one-layer-at-a-time groups")
+    from universal_neurons.ablation import AblationConfig
+
+    add_flags(p, AblationConfig, ABLATION_FLAGS)
     p.add_argument("--checkpoint", type=int, default=None, help="training step")
     p.add_argument("--store", default=None, help="activation store of MODEL on --tokens to read means from")
     p.add_argument("--per-token", action="store_true", help="also write per-token values (ablation_tokens.h5)")
-    p.add_argument("--batch-rows", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
 
@@ -390,8 +392,7 @@ def _ablate(a):
     from universal_neurons import AblationConfig, AblationResult, ablation_study, load_universality_table
 
     AblationResult.check_out_dir(a.out, overwrite=a.overwrite)
-    cfg = AblationConfig(kind=a.kind, value=a.value, n_controls=a.controls, seed=a.seed, n_bootstrap=a.bootstrap,
-                         batch_rows=a.batch_rows, per_layer=not a.no_per_layer)
+    cfg = config_from_args(AblationConfig, a, ABLATION_FLAGS)
     table = load_universality_table(a.table)
     ts = load_token_set(a.tokens)
     lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
@@ -421,7 +422,9 @@ def _add_properties(p):
     p.add_argument("--checkpoint", type=int, default=None, help="training step")
     p.add_argument("--no-weight-processing", action="store_true",
                    help="raw weights (default: fold LN, centre writing weights and unembedding, as the paper)")
-    p.add_argument("--batch-rows", type=int, default=32)
+    from universal_neurons.properties import PropertiesConfig
+
+    add_flags(p, PropertiesConfig, PROPERTIES_FLAGS)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true")
 
@@ -436,7 +439,7 @@ def _properties(a):
         raise UniversalNeuronsError("pass --tokens (moments from the live model) or --store (moments from a store)")
     ts = load_token_set(a.tokens) if a.tokens else None
     lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device, process_weights=not a.no_weight_processing)
-    props = neuron_properties(lm, token_set=ts, store=a.store, config=PropertiesConfig(batch_rows=a.batch_rows))
+    props = neuron_properties(lm, token_set=ts, store=a.store, config=config_from_args(PropertiesConfig, a, PROPERTIES_FLAGS))
     path = save_properties(props, a.out, overwrite=a.overwrite)
     fam = ", ".join(f"{k} {v}" for k, v in props["family"].value_counts().items())
     _say(f"properties of {len(props):,} neurons of {lm.name} (families: {fam}) -> {path}")
@@ -468,8 +471,7 @@ def _persistence(a):
     from universal_neurons import run_persistence
     from universal_neurons.pipeline import PipelineConfig
 
-    cfg = PipelineConfig(tokens=_token_config(a), correlation=_corr_config(a), threshold=a.threshold,
-                         cache=not a.no_cache, batch_rows=a.batch_rows, device=a.device)
+    cfg = _pipeline_config(a)
     text = load_token_set(a.text) if a.text.endswith((".h5", ".hdf5")) else a.text
     res = run_persistence(a.models, _ints(a.steps) if a.steps else None, text, a.out,
                           labels=a.labels.split(",") if a.labels else None, config=cfg, overwrite=a.overwrite)

@@ -32,7 +32,9 @@ def command(name: str, help: str):
     return wrap
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The argument parser. `command` names the one subcommand whose options are built
+    (`"*"`: all of them; `None`: none, which is all `--help` needs and keeps it free of torch)."""
     from . import commands  # noqa: F401  (registers the subcommands)
 
     p = argparse.ArgumentParser(
@@ -45,13 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add, run) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        add(sp)
+        if command in ("*", name):
+            add(sp)
         sp.set_defaults(_run=run)
     return p
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand `argv` names (the first word that is one), or None."""
+    from . import commands  # noqa: F401
+
+    return next((a for a in argv if a in _COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

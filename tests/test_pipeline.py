@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from universal_neurons.activations import TokenSetConfig, UniversalNeuronsError
+from universal_neurons.activations import StoreConfig, TokenSetConfig, UniversalNeuronsError
 from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
 from universal_neurons import CorrelationConfig, load_universality_table
@@ -38,7 +38,7 @@ def test_pipeline_outputs_and_reuse(tiny_family, tmp_path):
 
 def test_live_and_cached_pipelines_give_identical_tables(tiny_family, tmp_path):
     fp32 = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8,
-                          store=__import__("activations").StoreConfig(dtype="float32"))
+                          store=StoreConfig(dtype="float32"))
     cached = run_pipeline(tiny_family, TEXT, tmp_path / "cached", config=fp32)
     live = run_pipeline(tiny_family, TEXT, tmp_path / "live",
                         config=PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8, cache=False))

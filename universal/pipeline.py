@@ -12,8 +12,6 @@ refused (never silently overwritten) when it was not, unless `overwrite=True`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from universal_neurons.activations import (
+    ActivationStore,
     LiveSource,
     StoreConfig,
     TokenSet,
@@ -32,21 +31,31 @@ from universal_neurons.activations import (
     iter_aligned,
     load_model,
 )
-from universal_neurons.errors import UniversalNeuronsError
-from universal_neurons.runtime import from_json, provenance_base, to_json
+from universal_neurons.artifacts import check_not_input, check_writable, reuse_or_refuse, write_json
+from universal_neurons.config import Config
+from universal_neurons.errors import ConfigError, IncompatibleInputsError
+from universal_neurons.runtime import provenance_base
 
-from .correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
+from .correlation import (
+    CorrelationConfig,
+    CorrelationResult,
+    ModelLayout,
+    correlate,
+    correlate_all_pairs,
+    preflight,
+    preflight_all_pairs,
+)
 from .distributed import cache_distributed, correlate_distributed, live_shards, using_cluster
 from .training import seed_label
 from .universality import save_universality_table, universality_table
 
-__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "family_summary"]
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "family_summary", "correlate_stores", "correlate_source"]
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Config):
     """Every setting of a pipeline run; stored in summary.json."""
 
     tokens: TokenSetConfig = field(default_factory=TokenSetConfig)
@@ -58,9 +67,6 @@ class PipelineConfig:
     process_weights: bool = True  # the paper's weight processing (fold LN, centre weights)
     device: str | None = None  # None = CUDA when present
     cluster: str | None = None  # Dask cluster: "local:N", "tcp://host:port" (docs/distributed.md); None = in-process
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -79,14 +85,9 @@ def _token_set(text, tokenizer, config: PipelineConfig, path: Path, overwrite: b
         ts = text
     else:
         ts = build_token_set(text, tokenizer, config.tokens)
-    if path.exists() and not overwrite:
-        old = TokenSet.load(path)
-        if old.hash != ts.hash:
-            raise UniversalNeuronsError(
-                f"{path} holds another token set (hash {old.hash[:12]}, this run {ts.hash[:12]}); "
-                "use a new output directory or pass overwrite=True (--overwrite)"
-            )
-        return old
+    if reuse_or_refuse(path, overwrite=overwrite, matches=lambda p: TokenSet.load(p).hash == ts.hash,
+                       what="token set"):
+        return TokenSet.load(path)
     ts.save(path, overwrite=overwrite)
     return ts
 
@@ -142,17 +143,17 @@ def run_pipeline(
     **Returns** a `PipelineResult`.
     """
     if len(models) < 2:
-        raise UniversalNeuronsError(f"a seed family needs at least two models, got {len(models)}")
+        raise ConfigError(f"a seed family needs at least two models, got {len(models)}")
     labels = list(labels) if labels else [seed_label(k) for k in range(len(models))]
     if len(labels) != len(models) or len(set(labels)) != len(labels):
-        raise UniversalNeuronsError(f"labels {labels} must be unique, one per model ({len(models)})")
+        raise ConfigError(f"labels {labels} must be unique, one per model ({len(models)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lms = [load_model(m, checkpoint=checkpoint, device=config.device, process_weights=config.process_weights)
            for m in models]
     shapes = {(lm.n_layers, lm.d_mlp) for lm in lms}
     if len(shapes) > 1:
-        raise UniversalNeuronsError(f"the models have different shapes (n_layers, d_mlp): {sorted(shapes)}; "
+        raise IncompatibleInputsError(f"the models have different shapes (n_layers, d_mlp): {sorted(shapes)}; "
                                     "a seed family shares one architecture")
     ts = _token_set(text, lms[0].tokenizer, config, out / "tokens.h5", overwrite)
     log.info("token set: %d rows x %d = %d tokens (%d counted), hash %s", ts.n_rows, ts.ctx_len, ts.n_tokens,
@@ -163,38 +164,22 @@ def run_pipeline(
     return _finish(result, lms, labels, ts, out, config, extra_stages)
 
 
+def _model_identity(prov: dict[str, Any]) -> list[Any]:
+    """What must agree for an earlier result of a model to be reused."""
+    return [prov.get("resolved"), prov.get("checkpoint"), prov.get("revision"), prov.get("weight_processing")]
+
+
+def _cached_store(path: Path, lm, ts: TokenSet, config: PipelineConfig, overwrite: bool) -> bool:
+    """Whether the store at `path` can be reused for `lm` on `ts` (else it is written again)."""
+    if overwrite or not path.exists():
+        return False
+    with ActivationStore.open(path) as s:
+        return (s.token_set_hash == ts.hash and s.model.get("resolved") == lm.provenance["resolved"]
+                and s.model.get("checkpoint") == lm.provenance["checkpoint"] and s.config == config.store)
+
+
 def _correlate_stage(models, lms, labels, ts: TokenSet, out: Path, checkpoint, config: PipelineConfig, overwrite: bool,
                      client) -> CorrelationResult:
-    if config.cache:
-        stores = []
-        for lab, lm, spec in zip(labels, lms, models):
-            path = out / "stores" / f"{lab}.h5"
-            path.parent.mkdir(exist_ok=True)
-            if path.exists() and not overwrite:
-                from universal_neurons.activations import ActivationStore
-
-                with ActivationStore.open(path) as s:
-                    same = (s.token_set_hash == ts.hash and s.model.get("resolved") == lm.provenance["resolved"]
-                            and s.model.get("checkpoint") == lm.provenance["checkpoint"] and s.config == config.store)
-                if same:
-                    log.info("reusing %s", path)
-                    stores.append(path)
-                    continue
-            if client is not None:
-                stores.append(cache_distributed(spec, ts, path, cluster=client, config=config.store,
-                                                checkpoint=checkpoint, process_weights=config.process_weights,
-                                                batch_rows=config.batch_rows, overwrite=overwrite))
-            else:
-                stores.append(cache_activations(lm, ts, path, config=config.store, batch_rows=config.batch_rows,
-                                                overwrite=overwrite))
-        source = iter_aligned(stores, batch_tokens=config.batch_rows * ts.ctx_len, device=config.device)
-    elif client is not None:
-        source = live_shards(list(models), ts, config.batch_rows, checkpoint=checkpoint,
-                             process_weights=config.process_weights)
-    else:
-        source = LiveSource(lms, ts, batch_rows=config.batch_rows, device=config.device)
-
-    layouts = [ModelLayout(lab, lm.n_layers, lm.d_mlp) for lab, lm in zip(labels, lms)]
     prov = {
         "models": [lm.provenance for lm in lms],
         "labels": labels,
@@ -203,29 +188,159 @@ def _correlate_stage(models, lms, labels, ts: TokenSet, out: Path, checkpoint, c
         "mask_policy": {k: v for k, v in ts.config.to_dict().items() if k.startswith("exclude") or k == "newline_ids"},
     }
     corr_path = out / "correlation.h5"
-    result = None
-    if corr_path.exists() and not overwrite:
-        old = CorrelationResult.load(corr_path)
-        def ident(p):
-            return [p.get("resolved"), p.get("checkpoint"), p.get("revision"), p.get("weight_processing")]
 
-        same_inputs = (old.provenance.get("token_set", {}).get("hash") == ts.hash
-                       and [ident(m) for m in old.provenance.get("models", [])] == [ident(lm.provenance) for lm in lms]
-                       and old.config == config.correlation)
-        if not same_inputs:
-            raise UniversalNeuronsError(f"{corr_path} was computed from other models, tokens or settings; use a new "
-                                        "output directory or pass overwrite=True (--overwrite)")
+    def same_inputs(path: Path) -> bool:
+        old = CorrelationResult.load(path)
+        return (old.provenance.get("token_set", {}).get("hash") == ts.hash
+                and [_model_identity(m) for m in old.provenance.get("models", [])]
+                == [_model_identity(lm.provenance) for lm in lms]
+                and old.config == config.correlation)
+
+    if reuse_or_refuse(corr_path, overwrite=overwrite, matches=same_inputs, what="correlation result"):
         log.info("reusing %s", corr_path)
-        result = old
-    if result is None:
+        return CorrelationResult.load(corr_path)
+    if not config.cache:
         if client is not None:
-            result = correlate_distributed(source, layouts, config.correlation, cluster=client, provenance=prov)
+            source = live_shards(list(models), ts, config.batch_rows, checkpoint=checkpoint,
+                                 process_weights=config.process_weights)
         else:
-            result = correlate(source, layouts, config.correlation, provenance=prov)
-        result.save(corr_path, overwrite=True)
+            source = LiveSource(lms, ts, batch_rows=config.batch_rows, device=config.device)
+        layouts = [ModelLayout(lab, lm.n_layers, lm.d_mlp) for lab, lm in zip(labels, lms)]
+        return correlate_source(source, layouts, corr_path, config=config.correlation, provenance=prov,
+                                cluster=client, overwrite=True)
+    stores = []
+    for lab, lm, spec in zip(labels, lms, models):
+        path = out / "stores" / f"{lab}.h5"
+        if _cached_store(path, lm, ts, config, overwrite):
+            log.info("reusing %s", path)
+        elif client is not None:
+            cache_distributed(spec, ts, path, cluster=client, config=config.store, checkpoint=checkpoint,
+                              process_weights=config.process_weights, batch_rows=config.batch_rows,
+                              overwrite=overwrite)
+        else:
+            cache_activations(lm, ts, path, config=config.store, batch_rows=config.batch_rows, overwrite=overwrite)
+        stores.append(path)
+    result = correlate_stores(stores, corr_path, labels=labels, config=config.correlation,
+                              batch_tokens=config.batch_rows * ts.ctx_len, cluster=client, provenance=prov,
+                              device=config.device, overwrite=True)
+    assert isinstance(result, CorrelationResult)
+    return result
+
+
+def correlate_source(source, layouts: Sequence[ModelLayout], out: str | os.PathLike, *,
+                     config: CorrelationConfig = CorrelationConfig(), provenance: dict[str, Any] | None = None,
+                     cluster=None, full_matrix_path: str | os.PathLike | None = None,
+                     overwrite: bool = False, say: Callable[[str], Any] = log.info) -> CorrelationResult:
+    """Correlate one aligned batch source (reference first) and save the result to `out`.
+
+    The outputs are checked (writable, not existing unless `overwrite`) before any work, the
+    plan (FLOPs, memory, blocks) is logged, and the pass runs in process or, with `cluster`,
+    on Dask (`universal_neurons.distributed`).
+
+    Args:
+        source: batches `[token, layer*d_mlp]` per model, e.g. `iter_aligned(stores, ...)`,
+            a `LiveSource`, or a `ShardedSource` for a cluster.
+        layouts: one `ModelLayout` per model, reference first.
+        out: the correlation result file (`.h5`).
+        config: the engine's settings.
+        provenance: models, token set, mask policy; stored with the result.
+        cluster: a Dask client or cluster spec (`local:N`, `tcp://host:port`); None runs here.
+        full_matrix_path: also write the full matrices `[neuron_a, neuron_m]` here.
+        overwrite: replace existing outputs.
+        say: where the plan and progress lines go (the CLI prints them).
+
+    Returns:
+        The saved `CorrelationResult`.
+    """
+    for path in (out, full_matrix_path):
+        if path is not None:
+            check_writable(path, overwrite=overwrite)
+    n_tokens = getattr(source, "n_tokens", None)
+    if n_tokens:
+        say(f"preflight: {preflight(layouts, n_tokens, config)['summary']}")
+    if cluster is not None:
+        result = correlate_distributed(source, layouts, config, cluster=cluster, provenance=provenance,
+                                       full_matrix_path=full_matrix_path, overwrite=overwrite)
+    else:
+        result = correlate(source, layouts, config, provenance=provenance, full_matrix_path=full_matrix_path,
+                           overwrite=overwrite)
     if hasattr(source, "close"):
         source.close()
+    result.save(out, overwrite=overwrite)
     return result
+
+
+def all_pairs_paths(out: str | os.PathLike, labels: Sequence[str]) -> list[Path]:
+    """Where `correlate_stores(all_pairs=True)` writes each reference's result: `<out>-ref-<label>.h5`."""
+    out = Path(out)
+    return [out.with_name(f"{out.stem}-ref-{lab}{out.suffix}") for lab in labels]
+
+
+def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                     labels: Sequence[str] | None = None, config: CorrelationConfig = CorrelationConfig(),
+                     batch_tokens: int = 8192, cluster=None, all_pairs: bool = False,
+                     full_matrix_path: str | os.PathLike | None = None, provenance: dict[str, Any] | None = None,
+                     device: str | None = None, overwrite: bool = False,
+                     say: Callable[[str], Any] = log.info) -> CorrelationResult | dict[str, CorrelationResult]:
+    """Correlate activation stores of one token set (the first is the reference) and save.
+
+    What `universal-neurons correlate` and the pipeline's correlation stage both run.
+
+    Args:
+        stores: activation stores (`cache_activations`) of the same token set.
+        out: result file; with `all_pairs`, each reference `r` goes to `<out>-ref-<r>.h5`.
+        labels: short names per store (default `a, b, c, ...`).
+        config: the engine's settings.
+        batch_tokens: tokens per streamed batch.
+        cluster: a Dask client or spec; None runs here (all-pairs runs here only).
+        all_pairs: every model as the reference in turn (beyond the paper).
+        full_matrix_path: also write the full matrices (not with `all_pairs`).
+        provenance: extra provenance (token set details, mask); the stores' models, paths and
+            token-set hash are always recorded.
+        device: where the engine computes (None: CUDA when present).
+        overwrite: replace existing outputs.
+        say: where the plan and progress lines go (the CLI prints them).
+
+    Returns:
+        The `CorrelationResult`, or with `all_pairs` a dict label -> result.
+
+    Raises:
+        ConfigError: labels that do not match the stores, an output that is an input,
+            `full_matrix_path` with `all_pairs`, or `all_pairs` with a cluster.
+        OutputExistsError: an output exists and `overwrite` is False (before any work).
+    """
+    labels = list(labels) if labels else [seed_label(k) for k in range(len(stores))]
+    if len(labels) != len(stores) or len(set(labels)) != len(labels):
+        raise ConfigError(f"--labels names {len(labels)} models but {len(stores)} stores were given; give one "
+                          "unique label per store")
+    if all_pairs and full_matrix_path:
+        raise ConfigError("--full-matrix is not available with --all-pairs; run `correlate` with the "
+                          "reference's store first for its full matrices")
+    if all_pairs and cluster is not None:
+        raise ConfigError("--all-pairs does not run on a cluster yet; run one `correlate --cluster` per reference "
+                          "(list its store first)")
+    outs = all_pairs_paths(out, labels) if all_pairs else [Path(out)]
+    for path in [*outs, *([full_matrix_path] if full_matrix_path else [])]:
+        check_not_input(path, stores)
+        check_writable(path, overwrite=overwrite)
+    source = iter_aligned(stores, batch_tokens=batch_tokens, device=device)  # checks one token set, every hook
+    layouts, models = [], []
+    for lab, path in zip(labels, stores):
+        with ActivationStore.open(path) as s:
+            layouts.append(ModelLayout(lab, len(s.layers), s.d_mlp))
+            models.append(s.model)
+    prov = {"models": models, "labels": labels, "stores": [str(Path(s).resolve()) for s in stores],
+            **(provenance or {})}
+    prov.setdefault("token_set", {"hash": source.token_set_hash})
+    if not all_pairs:
+        return correlate_source(source, layouts, out, config=config, provenance=prov, cluster=cluster,
+                                full_matrix_path=full_matrix_path, overwrite=overwrite, say=say)
+    say(f"preflight: {preflight_all_pairs(layouts, source.n_tokens, config)['summary']}")
+    results = correlate_all_pairs(source, layouts, config, provenance=prov)
+    for (lab, res), path in zip(results.items(), outs):
+        res.save(path, overwrite=overwrite)
+        say(f"reference {lab}: -> {path}")
+    return results
 
 
 def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, config: PipelineConfig,
@@ -245,5 +360,5 @@ def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, con
                          summary=summary, model_provenance=[lm.provenance for lm in lms])
     for stage in extra_stages:
         summary.update(stage(res) or {})
-    (out / "summary.json").write_text(json.dumps(from_json(to_json(summary)), indent=2))
+    write_json(out / "summary.json", summary, overwrite=True)
     return res
