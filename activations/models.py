@@ -57,10 +57,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LoadedModel:
     """A model ready to run, with everything needed to reproduce how it was loaded.
 
-    **Arguments**
-    - `model`: the TransformerLens `TransformerBridge`.
-    - `tokenizer`: its Hugging Face tokenizer (never empty; checked on load).
-    - `provenance`: name, checkpoint, weight processing, shapes, dtype, versions.
+    Attributes:
+        model: the TransformerLens `TransformerBridge`.
+        tokenizer: its Hugging Face tokenizer (never empty; checked on load).
+        provenance: name, checkpoint, weight processing, shapes, dtype, versions.
     """
 
     model: Any
@@ -191,17 +191,18 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by hub name or local directory, with its provenance.
 
-    **Arguments**
-    - `spec`: hub name (`stanford-gpt2-small-a`, `EleutherAI/pythia-160m`) or local directory.
-    - `checkpoint`: training step (hub: TransformerLens `checkpoint_value`, i.e. revision
-      `checkpoint-{step}` for the Stanford seeds; local: sub-directory `checkpoint-{step}`).
-    - `device`: `None`/`'auto'` picks CUDA when present, else CPU.
-    - `dtype`: `float32` (default), `bfloat16` or `float16`.
-    - `process_weights`: apply the paper's (HookedTransformer's) weight processing on load:
-      fold LayerNorm, centre writing weights, centre the unembedding. Neuron activations are
-      unchanged by it; weight statistics (norms, vocab composition) depend on it.
+    Args:
+        spec: hub name (`stanford-gpt2-small-a`, `EleutherAI/pythia-160m`) or local directory.
+        checkpoint: training step (hub: TransformerLens `checkpoint_value`, i.e. revision
+            `checkpoint-{step}` for the Stanford seeds; local: sub-directory `checkpoint-{step}`).
+        device: `None`/`'auto'` picks CUDA when present, else CPU.
+        dtype: `float32` (default), `bfloat16` or `float16`.
+        process_weights: apply the paper's (HookedTransformer's) weight processing on load:
+            fold LayerNorm, centre writing weights, centre the unembedding. Neuron activations are
+            unchanged by it; weight statistics (norms, vocab composition) depend on it.
 
-    **Returns** a `LoadedModel`.
+    Returns:
+        a `LoadedModel`.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -359,12 +360,13 @@ def mlp_activations(
     """MLP neuron activations for a batch of token rows, skipping everything after the
     last requested layer (no unembedding), without gradients.
 
-    **Arguments**
-    - `tokens`: `Int[Tensor, "batch pos"]`.
-    - `kinds`: `'post'` (after the nonlinearity) and/or `'pre'`.
-    - `layers`: which layers (default all).
+    Args:
+        tokens: `Int[Tensor, "batch pos"]`.
+        kinds: `'post'` (after the nonlinearity) and/or `'pre'`.
+        layers: which layers (default all).
 
-    **Returns** `{hook_name: Float[Tensor, "batch pos d_mlp"]}` on the model's device.
+    Returns:
+        `{hook_name: Float[Tensor, "batch pos d_mlp"]}` on the model's device.
     """
     layers = _check_layers(lm, layers)
     wanted = {hook_name(l, k) for l in layers for k in kinds}
@@ -403,11 +405,12 @@ def run_with_post_hooks(
 
     Hooks are scoped: they are removed when the pass ends, also after an error.
 
-    **Arguments**
-    - `tokens`: `Int[Tensor, "batch pos"]`.
-    - `post_hooks`: `{layer: f}` with `f(act: Float[Tensor, "batch pos d_mlp"]) -> same shape`.
+    Args:
+        tokens: `Int[Tensor, "batch pos"]`.
+        post_hooks: `{layer: f}` with `f(act: Float[Tensor, "batch pos d_mlp"]) -> same shape`.
 
-    **Returns** `Float[Tensor, "batch pos d_vocab"]`.
+    Returns:
+        `Float[Tensor, "batch pos d_vocab"]`.
     """
     post_hooks = post_hooks or {}
     _check_layers(lm, list(post_hooks))
@@ -421,8 +424,9 @@ def run_with_post_hooks(
 def mlp_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
     """The weights behind each neuron, in the loaded processing (see provenance).
 
-    **Returns** `W_in: [layer, d_model, d_mlp]`, `b_in: [layer, d_mlp]`,
-    `W_out: [layer, d_mlp, d_model]`, `W_U: [d_model, d_vocab]`, all float32 on CPU.
+    Returns:
+        `W_in: [layer, d_model, d_mlp]`, `b_in: [layer, d_mlp]`,
+        `W_out: [layer, d_mlp, d_model]`, `W_U: [d_model, d_vocab]`, all float32 on CPU.
     """
     m = lm.model
     with torch.no_grad():

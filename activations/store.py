@@ -145,11 +145,18 @@ def preflight_cache(lm_or_provenance, token_set: TokenSet, config: StoreConfig =
                     path: str | os.PathLike | None = None) -> dict[str, Any]:
     """What `cache_activations` will write, checked before any forward pass.
 
-    **Arguments**: a `LoadedModel` (or its `provenance` dict), the `TokenSet`, the `StoreConfig`;
-    `path`: where the store will go (adds the free disk space there).
+    Args:
+        lm_or_provenance: a `LoadedModel`, or its `provenance` dict.
+        token_set: the rows to cache, `[row, pos]`.
+        config: the `StoreConfig` of the planned store.
+        path: where the store will go (adds the free disk space there).
 
-    **Returns** `{n_tokens, n_rows, ctx_len, n_counted, datasets: {hook: {shape, dtype, chunks}},
-    bytes, bytes_free, fits}`; raises `UniversalNeuronsError` when the model cannot run the token set.
+    Returns:
+        `{n_tokens, n_rows, ctx_len, n_counted, datasets: {hook: {shape, dtype, chunks}},
+        bytes, bytes_free, fits}`.
+
+    Raises:
+        UniversalNeuronsError: the model cannot run the token set.
     """
     prov = _prov(lm_or_provenance)
     _check_compatible(prov, token_set)
@@ -299,15 +306,16 @@ def cache_activations(
     uninterrupted one. Never replaces an existing store unless `overwrite=True` (and then
     only once the new one is complete).
 
-    **Arguments**
-    - `lm`: the model (its device is where the forward passes run).
-    - `token_set`: the rows to run, `[row, pos]`.
-    - `path`: the `.h5` file to create.
-    - `config`: which hooks, dtype, compression, layers.
-    - `batch_rows`: rows per forward pass (default: ~256 MiB of activations, at most 64).
-    - `progress_bar`: show a tokens/s bar (None follows the global switch).
+    Args:
+        lm: the model (its device is where the forward passes run).
+        token_set: the rows to run, `[row, pos]`.
+        path: the `.h5` file to create.
+        config: which hooks, dtype, compression, layers.
+        batch_rows: rows per forward pass (default: ~256 MiB of activations, at most 64).
+        progress_bar: show a tokens/s bar (None follows the global switch).
 
-    **Returns** the path of the finished store.
+    Returns:
+        the path of the finished store.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
@@ -590,13 +598,14 @@ def iter_aligned(stores: Sequence, batch_tokens: int, kind: str = "post", device
 
     First checks that every store holds the same token set (hash) and the same hooks.
 
-    **Arguments**
-    - `stores`: paths or open `ActivationStore`s, reference model first.
-    - `batch_tokens`: tokens per batch, rounded down to whole chunks (at least one chunk).
-    - `kind`: `'post'` or `'pre'`; `device`: where the tensors go (default CPU); `dtype` of them.
+    Args:
+        stores: paths or open `ActivationStore`s, reference model first.
+        batch_tokens: tokens per batch, rounded down to whole chunks (at least one chunk).
+        kind: `'post'` or `'pre'`; `device`: where the tensors go (default CPU); `dtype` of them.
 
-    **Returns** a re-iterable `AlignedSource` yielding `(mask: Bool[Tensor, "token"],
-    acts: list[Float[Tensor, "token n_layers*d_mlp"]])`.
+    Returns:
+        a re-iterable `AlignedSource` yielding `(mask: Bool[Tensor, "token"],
+        acts: list[Float[Tensor, "token n_layers*d_mlp"]])`.
     """
     return AlignedSource(stores, batch_tokens, kind=kind, device=device, dtype=dtype)
 
@@ -605,10 +614,10 @@ class LiveSource:
     """The same `(mask, acts)` contract as `iter_aligned`, computed by running every model on the
     same rows, with nothing cached on disk (values equal a float32 store). Re-iterable.
 
-    **Arguments**
-    - `models`: `LoadedModel`s of one family, reference first.
-    - `token_set`: the rows; `batch_rows`: rows per forward pass.
-    - `kind`: `'post'` or `'pre'`; `device`: where yielded tensors go (default: the first model's).
+    Args:
+        models: `LoadedModel`s of one family, reference first.
+        token_set: the rows; `batch_rows`: rows per forward pass.
+        kind: `'post'` or `'pre'`; `device`: where yielded tensors go (default: the first model's).
     """
 
     def __init__(self, models: Sequence[LoadedModel], token_set: TokenSet, batch_rows: int, kind: str = "post",

@@ -174,8 +174,9 @@ class TokenSet:
     def batches(self, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive blocks of rows, in order.
 
-        **Returns** an iterator of `(ids: Int[ndarray, "batch pos"], mask: Bool[ndarray, "batch pos"])`;
-        the last block may be shorter.
+        Returns:
+            an iterator of `(ids: Int[ndarray, "batch pos"], mask: Bool[ndarray, "batch pos"])`;
+            the last block may be shorter.
         """
         if not isinstance(batch_rows, int) or batch_rows < 1:
             raise UniversalNeuronsError(f"batch_rows must be a positive integer, got {batch_rows!r}")
@@ -329,14 +330,15 @@ def _read_source(source, config: TokenSetConfig) -> tuple[list[str], dict[str, A
 def build_token_set(source, tokenizer, config: TokenSetConfig = TokenSetConfig()) -> TokenSet:
     """Tokenise `source`, join documents with EOS, cut rows with BOS first, sample and mask.
 
-    **Arguments**
-    - `source`: a `.txt` file (one document), a `.jsonl` file (one document per line, field
-      `config.text_field`), a folder of those (recursively, sorted), a list of strings (one
-      document each), or `'hf:<dataset>[:<config>]'` (needs the hub and `datasets`).
-    - `tokenizer`: the model family's Hugging Face tokenizer.
-    - `config`: a `TokenSetConfig`.
+    Args:
+        source: a `.txt` file (one document), a `.jsonl` file (one document per line, field
+            `config.text_field`), a folder of those (recursively, sorted), a list of strings (one
+            document each), or `'hf:<dataset>[:<config>]'` (needs the hub and `datasets`).
+        tokenizer: the model family's Hugging Face tokenizer.
+        config: a `TokenSetConfig`.
 
-    **Returns** a `TokenSet` with `config.n_tokens // ctx_len` rows (all rows when None).
+    Returns:
+        a `TokenSet` with `config.n_tokens // ctx_len` rows (all rows when None).
     """
     docs, src = _read_source(source, config)
     info = tokenizer_info(tokenizer)

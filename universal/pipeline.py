@@ -131,16 +131,17 @@ def run_pipeline(
 ) -> PipelineResult:
     """Tokenise, cache, correlate and flag a seed family; the first model is the reference.
 
-    **Arguments**
-    - `models`: hub names or local directories of one family (same tokenizer and shapes).
-    - `text`: what `build_token_set` reads (files, folder, list of strings), or a `TokenSet`.
-    - `out_dir`: where every output goes (see the module docstring).
-    - `checkpoint`: training step loaded for every model (None = final weights).
-    - `labels`: short names per model (default `a, b, c, ...`).
-    - `extra_stages`: later stages (properties, ablation, ...) called with the result; what
-      each returns is added to the summary.
+    Args:
+        models: hub names or local directories of one family (same tokenizer and shapes).
+        text: what `build_token_set` reads (files, folder, list of strings), or a `TokenSet`.
+        out_dir: where every output goes (see the module docstring).
+        checkpoint: training step loaded for every model (None = final weights).
+        labels: short names per model (default `a, b, c, ...`).
+        extra_stages: later stages (properties, ablation, ...) called with the result; what
+            each returns is added to the summary.
 
-    **Returns** a `PipelineResult`.
+    Returns:
+        a `PipelineResult`.
     """
     if len(models) < 2:
         raise ConfigError(f"a seed family needs at least two models, got {len(models)}")
