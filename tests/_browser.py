@@ -42,9 +42,11 @@ def open_in_browser(html_path: Path, screenshot: Path, *, width: int = 1400, tim
             page = browser.new_page(viewport={"width": width, "height": 1000})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: page_errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:", "blob:", "about:")) else None)
+            local = ("file:", "data:", "blob:", "about:")
+            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(local) else None)
             page.goto(Path(html_path).resolve().as_uri(), wait_until="load", timeout=timeout_ms)
-            page.wait_for_function("() => Array.from(document.querySelectorAll('.plotly-graph-div')).every(el => el._fullLayout)",
+            page.wait_for_function("() => Array.from(document.querySelectorAll('.plotly-graph-div'))"
+                                   ".every(el => el._fullLayout)",
                                    timeout=timeout_ms)
             page.wait_for_timeout(500)  # let WebGL traces paint before the screenshot
             figures = page.evaluate(_FIGURE_CHECK)

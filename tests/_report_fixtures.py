@@ -35,20 +35,21 @@ def write_synthetic_stages(run_dir: Path, table: pd.DataFrame, *, seed: int = 0,
         k, name = int(max(1, uni[in_group].sum())), "all layers" if layer == -1 else f"layer {layer}"
         rows = []
         for set_, draws, scale in (("universal", 1, 0.05), ("control", 5, 0.01)):
-            for d in range(draws):
+            for draw in range(draws):
                 dce = scale * (1 + 0.3 * rng.normal())
-                rows.append({"group": name, "layer": layer, "set": set_, "draw": d, "n_neurons": k,
+                rows.append({"group": name, "layer": layer, "set": set_, "draw": draw, "n_neurons": k,
                              "ce_clean": 4.0, "ce_ablated": 4.0 + dce, "delta_ce": dce, "kl": dce * 1.1,
                              "delta_entropy": 0.01 * rng.normal(), "n_tokens": 2048})
         runs += rows
-        r = pd.DataFrame(rows)
-        u, c = r[r.set == "universal"], r[r.set == "control"]
-        d, cm = float(u.delta_ce.iloc[0]), float(c.delta_ce.mean())
-        summ.append({"group": name, "layer": layer, "n_neurons": k, "delta_ce": d, "delta_ce_lo": d * 0.8,
-                     "delta_ce_hi": d * 1.2, "kl": d * 1.1, "kl_lo": d * 0.9, "kl_hi": d * 1.3, "delta_entropy": 0.0,
-                     "control_delta_ce_mean": cm, "control_delta_ce_lo": float(c.delta_ce.min()),
-                     "control_delta_ce_hi": float(c.delta_ce.max()), "control_kl_mean": float(c.kl.mean()),
-                     "ratio_delta_ce": d / cm, "p_value": 0.01})
+        frame = pd.DataFrame(rows)
+        universal, control = frame[frame.set == "universal"], frame[frame.set == "control"]
+        delta, control_mean = float(universal.delta_ce.iloc[0]), float(control.delta_ce.mean())
+        summ.append({"group": name, "layer": layer, "n_neurons": k, "delta_ce": delta, "delta_ce_lo": delta * 0.8,
+                     "delta_ce_hi": delta * 1.2, "kl": delta * 1.1, "kl_lo": delta * 0.9, "kl_hi": delta * 1.3,
+                     "delta_entropy": 0.0,
+                     "control_delta_ce_mean": control_mean, "control_delta_ce_lo": float(control.delta_ce.min()),
+                     "control_delta_ce_hi": float(control.delta_ce.max()), "control_kl_mean": float(control.kl.mean()),
+                     "ratio_delta_ce": delta / control_mean, "p_value": 0.01})
     (run_dir / "ablation").mkdir(exist_ok=True)  # where universal_neurons.ablation.ablation_stage writes
     pd.DataFrame(runs).to_csv(run_dir / "ablation" / "ablation_runs.csv", index=False)
     pd.DataFrame(summ).to_csv(run_dir / "ablation" / "ablation_summary.csv", index=False)

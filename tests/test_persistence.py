@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from universal_neurons.activations import GPT2Config, TokenSetConfig, UniversalNeuronsError, load_token_set
+from universal_neurons.activations import GPT2Config, TokenSetConfig, load_token_set
+from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.activations.models import checkpoint_dir, init_gpt2, save_model_dir
 from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT, make_family

@@ -14,11 +14,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from universal_neurons.activations import TokenSetConfig, UniversalNeuronsError
+from universal_neurons.activations import TokenSetConfig
+from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.cli.main import main as cli
 from tests._report_fixtures import write_synthetic_stages
 from tests.conftest import SAMPLE_TEXT
-from universal_neurons import figures as F
+from universal_neurons.figures import (fig_corr_distributions, fig_excess_distribution, fig_max_corr_vs_baseline,
+                                      fig_pair_correlations, fig_universal_fraction)
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
 from universal_neurons.report import Report, report_stage
 
@@ -39,10 +41,10 @@ def base_run(tiny_family, tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(base_run, tmp_path_factory):
     """The same run plus property, ablation and persistence outputs: every section renders."""
-    d = tmp_path_factory.mktemp("full") / "run"
-    shutil.copytree(base_run.out_dir, d, ignore=shutil.ignore_patterns("stores", "report.html"))
-    write_synthetic_stages(d, base_run.table)
-    return d
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(base_run.out_dir, run_dir, ignore=shutil.ignore_patterns("stores", "report.html"))
+    write_synthetic_stages(run_dir, base_run.table)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +107,19 @@ def test_cli_report(full_run, tmp_path, capsys):
 
 
 def test_figures_from_the_api(base_run):
-    t = base_run.table
-    for fn in (F.fig_max_corr_vs_baseline, F.fig_corr_distributions, F.fig_universal_fraction,
-               F.fig_excess_distribution, F.fig_pair_correlations):
-        fig = fn(t)
-        assert isinstance(fig, go.Figure) and len(fig.data) > 0, fn.__name__
+    table = base_run.table
+    for draw in (fig_max_corr_vs_baseline, fig_corr_distributions, fig_universal_fraction,
+                 fig_excess_distribution, fig_pair_correlations):
+        fig = draw(table)
+        assert isinstance(fig, go.Figure) and len(fig.data) > 0, draw.__name__
     # bar heights are the per-layer universal percentages
-    bars = F.fig_universal_fraction(t).data[0]
-    np.testing.assert_allclose(bars.y, 100 * t.groupby("layer")["is_universal"].mean().to_numpy())
+    bars = fig_universal_fraction(table).data[0]
+    np.testing.assert_allclose(bars.y, 100 * table.groupby("layer")["is_universal"].mean().to_numpy())
     # the histogram counts every live neuron once
-    hist = F.fig_excess_distribution(t)
-    assert sum(int(np.sum(tr.y)) for tr in hist.data) == int(np.isfinite(t["excess_corr"]).sum())
+    hist = fig_excess_distribution(table)
+    assert sum(int(np.sum(trace.y)) for trace in hist.data) == int(np.isfinite(table["excess_corr"]).sum())
     with pytest.raises(UniversalNeuronsError, match="lacks the columns"):
-        F.fig_universal_fraction(t.drop(columns=["is_universal"]))
+        fig_universal_fraction(table.drop(columns=["is_universal"]))
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("playwright"), reason="playwright not installed")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from universal_neurons.activations import GPT2Config, TokenSetConfig, UniversalNeuronsError, build_token_set, list_checkpoints, load_model
+from universal_neurons.activations import GPT2Config, TokenSetConfig, build_token_set, list_checkpoints, load_model
+from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.demo import unigram_entropy
 from universal_neurons.demo_data import demo_documents, demo_tokenizer
 from universal_neurons.training import TrainConfig, log_spaced_steps, train_family, train_seed
@@ -36,16 +37,16 @@ def test_family_learns_language_and_seeds_differ(rows, tmp_path):
     tok, train, val = rows
     cfg = small_config()
     res = train_family(train, val, tok, config=cfg, seeds=[0, 1], family_dir=tmp_path, show_progress=False)
-    h = unigram_entropy(train, 4096)
+    entropy = unigram_entropy(train, 4096)
     for r in res:
         assert [rec["step"] for rec in r.records] == cfg.checkpoint_steps()
         assert r.records[0]["val_loss"] > np.log(4096) - 0.5  # at init: about uniform over the vocabulary
         # 160k tokens of a 1-layer model: already beyond unigram statistics (test_demo checks the demo's margin)
-        assert r.final["val_loss"] < h - 0.2, (r.final["val_loss"], h)
+        assert r.final["val_loss"] < entropy - 0.2, (r.final["val_loss"], entropy)
         assert r.final["val_loss"] < r.records[0]["val_loss"] - 1.5
-    a = load_model(res[0].seed_dir, process_weights=False)
-    b = load_model(res[1].seed_dir, process_weights=False)
-    assert not torch.allclose(a.model.W_in, b.model.W_in)
+    model_a = load_model(res[0].seed_dir, process_weights=False)
+    model_b = load_model(res[1].seed_dir, process_weights=False)
+    assert not torch.allclose(model_a.model.W_in, model_b.model.W_in)
     assert list_checkpoints(res[0].seed_dir) == cfg.checkpoint_steps()
     # a second call reuses the finished family instead of retraining
     again = train_family(train, val, tok, config=cfg, seeds=[0, 1], family_dir=tmp_path, show_progress=False)
@@ -59,9 +60,9 @@ def test_killed_run_resumes_to_the_same_weights(rows, tmp_path, monkeypatch):
     cfg = small_config(n_tokens=60_000)
     whole = train_seed(train, val, tok, config=cfg, seed=3, seed_dir=tmp_path / "whole", show_progress=False)
 
-    import universal_neurons.training as tr
+    import universal_neurons.training as training
 
-    real = tr.save_model_dir
+    real = training.save_model_dir
     calls = {"n": 0}
 
     def dying_save(*args, **kw):
@@ -71,10 +72,10 @@ def test_killed_run_resumes_to_the_same_weights(rows, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(tr, "save_model_dir", dying_save)
+    monkeypatch.setattr(training, "save_model_dir", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train_seed(train, val, tok, config=cfg, seed=3, seed_dir=tmp_path / "resumed", show_progress=False)
-    monkeypatch.setattr(tr, "save_model_dir", real)
+    monkeypatch.setattr(training, "save_model_dir", real)
     assert len(list_checkpoints(tmp_path / "resumed")) == 3
     resumed = train_seed(train, val, tok, config=cfg, seed=3, seed_dir=tmp_path / "resumed", show_progress=False)
     assert [r["step"] for r in resumed.records] == [r["step"] for r in whole.records]

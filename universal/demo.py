@@ -13,9 +13,9 @@ validation loss during training, the rest are the token set the pipeline studies
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from universal_neurons.activations import GPT2Config, TokenSet, TokenSetConfig, build_token_set
-from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.artifacts import read_json, write_json
+from universal_neurons.errors import ConfigError
 from universal_neurons.runtime import to_json
 
 from .demo_data import demo_documents, demo_tokenizer
@@ -42,7 +43,7 @@ __all__ = [
     "run_demo",
 ]
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 # Chosen by measurement (docs/demo_family.md): see that page for what each alternative reached.
 DEMO_TRAIN_CONFIG = TrainConfig(
@@ -63,21 +64,43 @@ _ABLATION_TOKENS = 16_384  # held-out tokens after the studied ones: ablation is
 
 
 def _cache_root() -> Path:
+    """`$XDG_CACHE_HOME/universal-neurons`, or `~/.cache/universal-neurons`."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "universal-neurons"
 
 
 def demo_family_dir(config: TrainConfig = DEMO_TRAIN_CONFIG, seeds=DEMO_SEEDS) -> Path:
-    """Where the demo family with this configuration is cached."""
+    """Where the demo family with this configuration is cached.
+
+    Args:
+        config: the family's training settings.
+        seeds: its seeds.
+
+    Returns:
+        `<cache>/demo-family-<hash of config and seeds>`.
+    """
     key = hashlib.sha256(to_json({"config": config.to_dict(), "seeds": list(seeds)}).encode()).hexdigest()[:10]
     return _cache_root() / f"demo-family-{key}"
 
 
 def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO_EVAL_TOKENS,
                     cache_dir: Path | None = None) -> dict[str, TokenSet]:
-    """Token sets of the demo corpus: `train` (every training row), `val` (the first 65,536
-    held-out tokens), `eval` (the following held-out rows, `eval_tokens` of them) and
-    `ablation` (up to 32,768 held-out tokens after those). Cached as HDF5."""
+    """Token sets of the demo corpus, cached as HDF5.
+
+    Args:
+        tokenizer: default the demo tokenizer.
+        n_ctx: tokens per row, BOS included.
+        eval_tokens: held-out tokens the pipeline studies.
+        cache_dir: where the tokenised splits are cached (default under the user cache).
+
+    Returns:
+        `train` (every training row), `val` (the first 65,536 held-out tokens), `eval` (the
+        following held-out rows, `eval_tokens` of them) and `ablation` (up to 16,384 held-out
+        tokens after those, when any are left); each `[row, pos]` with pos = `n_ctx`.
+
+    Raises:
+        ConfigError: the held-out split is too short for `eval_tokens`.
+    """
     tokenizer = tokenizer or demo_tokenizer()
     cache_dir = Path(cache_dir or _cache_root() / "demo-tokens")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -87,16 +110,16 @@ def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO
         if path.exists():
             out[split] = TokenSet.load(path)
             continue
-        docs = [d["text"] for d in demo_documents(split)]
-        ts = build_token_set(docs, tokenizer, TokenSetConfig(ctx_len=n_ctx))
-        ts.source.update({"kind": "demo-corpus", "split": split})
-        ts.save(path, overwrite=True)
-        out[split] = ts
+        docs = [doc["text"] for doc in demo_documents(split)]
+        token_set = build_token_set(docs, tokenizer, TokenSetConfig(ctx_len=n_ctx))
+        token_set.source.update({"kind": "demo-corpus", "split": split})
+        token_set.save(path, overwrite=True)  # a cache: whatever is there was made from the same corpus
+        out[split] = token_set
     held = out.pop("heldout")
     n_val, n_eval = _VAL_TOKENS // n_ctx, eval_tokens // n_ctx
     if held.n_rows < n_val + n_eval:
-        raise UniversalNeuronsError(f"the held-out split has {held.n_rows} rows of {n_ctx}; the demo needs "
-                                    f"{n_val} for validation plus {n_eval} to study: lower eval_tokens")
+        raise ConfigError(f"the held-out split has {held.n_rows} rows of {n_ctx}; the demo needs "
+                          f"{n_val} for validation plus {n_eval} to study: lower eval_tokens")
     out["val"] = held.select_rows(0, n_val)
     out["eval"] = held.select_rows(n_val, n_val + n_eval)
     # ablation is measured on held-out rows that neither scored training nor fed the correlations
@@ -107,28 +130,46 @@ def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO
 
 
 def text_stream(text, config: TrainConfig, tokenizer=None) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Training and validation rows from a user's text (5% of rows held out for validation),
-    tokenised with the demo tokenizer unless another is given."""
+    """Training and validation rows from a user's text (5% of rows held out for validation).
+
+    Args:
+        text: what `build_token_set` reads.
+        config: the training settings (their `n_ctx`).
+        tokenizer: default the demo tokenizer.
+
+    Returns:
+        `(tokenizer, train_rows, val_rows)`, rows `[row, pos]` with pos = `n_ctx`.
+    """
     tokenizer = tokenizer or demo_tokenizer()
-    ts = build_token_set(text, tokenizer, TokenSetConfig(ctx_len=config.model.n_ctx, shuffle=True, seed=0))
-    n_val = max(1, ts.n_rows // 20)
-    return tokenizer, ts.ids[n_val:], ts.ids[:n_val]
+    token_set = build_token_set(text, tokenizer, TokenSetConfig(ctx_len=config.model.n_ctx, shuffle=True, seed=0))
+    n_val = max(1, token_set.n_rows // 20)
+    return tokenizer, token_set.ids[n_val:], token_set.ids[:n_val]
 
 
 def unigram_entropy(rows: np.ndarray, d_vocab: int) -> float:
-    """Entropy (nats) of the unigram token distribution: the loss of a model that ignores context."""
+    """Entropy (nats) of the unigram token distribution: the loss of a model that ignores context.
+
+    Args:
+        rows: `[row, pos]` token ids; the BOS column is left out.
+        d_vocab: the vocabulary size.
+
+    Returns:
+        The entropy in nats.
+    """
     counts = np.bincount(rows[:, 1:].ravel(), minlength=d_vocab).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log(probs)).sum())
 
 
 def _timed(name: str, stage, timings: dict[str, float]):
+    """`stage`, recording its seconds in `timings[name]`."""
+
     def run(result):
-        t = time.perf_counter()
+        start = time.perf_counter()
         try:
             return stage(result)
         finally:
-            timings[name] = time.perf_counter() - t
+            timings[name] = time.perf_counter() - start
 
     return run
 
@@ -148,8 +189,22 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train (or reuse) the demo family and run every stage of the pipeline on held-out text.
 
-    **Returns** a dict with `val_loss` per seed, `unigram_entropy`, the pipeline `summary`,
-    `outputs` (name -> path), `timings` (seconds per stage) and the universality `table`.
+    Args:
+        out_dir: where the pipeline's outputs go.
+        family_dir: where the family is trained (default: the user cache, keyed by `config` and `seeds`).
+        retrain: delete the cached family first.
+        overwrite: replace outputs of an earlier run in `out_dir`.
+        device: where to train and compute; None picks CUDA when present.
+        config: the family's training settings.
+        seeds: one seed per model.
+        eval_tokens: held-out tokens the pipeline studies.
+        threshold: the cut on excess correlation.
+        show_progress: show progress bars.
+
+    Returns:
+        A dict with `family_dir`, `val_loss` per seed, `training_records`, `unigram_entropy`,
+        `timings` (seconds per stage), the pipeline `summary`, `outputs` (name -> path) and
+        the universality `table`.
     """
     from .ablation import AblationConfig, ablation_stage
     from .persistence import persistence_stage
@@ -157,22 +212,20 @@ def run_demo(
     from .properties import properties_stage
     from .report import report_stage
 
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     timings: dict[str, float] = {}
     tokenizer = demo_tokenizer()
     sets = demo_token_sets(tokenizer, n_ctx=config.model.n_ctx, eval_tokens=eval_tokens)
-    fam = Path(family_dir) if family_dir else demo_family_dir(config, seeds)
-    if retrain and fam.exists():
-        import shutil
-
-        shutil.rmtree(fam)
+    family = Path(family_dir) if family_dir else demo_family_dir(config, seeds)
+    if retrain and family.exists():
+        shutil.rmtree(family)
     results = train_family(sets["train"].ids, sets["val"].ids, tokenizer, config=config, seeds=seeds,
-                           family_dir=fam, device=device, show_progress=show_progress)
-    timings["train"] = time.perf_counter() - t0
+                           family_dir=family, device=device, show_progress=show_progress)
+    timings["train"] = time.perf_counter() - start
     seed_dirs = [r.seed_dir for r in results]
     out = Path(out_dir)
     pcfg = PipelineConfig(tokens=sets["eval"].config, threshold=threshold, device=device)
-    t1 = time.perf_counter()
+    pipeline_start = time.perf_counter()
     stages = [
         _timed("properties", properties_stage(), timings),
         _timed("ablation", ablation_stage(AblationConfig(), eval_tokens=sets.get("ablation"), overwrite=overwrite,
@@ -180,22 +233,21 @@ def run_demo(
         _timed("persistence", persistence_stage(seed_dirs, config=pcfg), timings),
         _timed("report", report_stage, timings),  # last: it reads what the others wrote
     ]
-    res = run_pipeline(seed_dirs, sets["eval"], out, config=pcfg, overwrite=overwrite, extra_stages=stages)
-    timings["pipeline"] = time.perf_counter() - t1
-    h = unigram_entropy(sets["train"].ids, config.model.d_vocab)
+    run = run_pipeline(seed_dirs, sets["eval"], out, config=pcfg, overwrite=overwrite, extra_stages=stages)
+    timings["pipeline"] = time.perf_counter() - pipeline_start
     demo = {
-        "family_dir": str(fam),
+        "family_dir": str(family),
         "val_loss": {r.seed_dir.name: r.final["val_loss"] for r in results},
         "training_records": {r.seed_dir.name: r.records for r in results},
-        "unigram_entropy": h,
+        "unigram_entropy": unigram_entropy(sets["train"].ids, config.model.d_vocab),
         "timings": timings,
     }
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json", what="run summary")
     summary["demo"] = demo
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary, overwrite=True)  # the run's own summary, completed
     outputs = {"summary": str(out / "summary.json"), "universality table": str(out / "universality.csv")}
     for name, path in (("properties", "properties.csv"), ("ablation", "ablation/ablation_summary.csv"),
                        ("persistence", "persistence/persistence_overall.csv"), ("report", "report.html")):
         if (out / path).exists():
             outputs[name] = str(out / path)
-    return {**demo, "summary": summary, "outputs": outputs, "table": res.table}
+    return {**demo, "summary": summary, "outputs": outputs, "table": run.table}

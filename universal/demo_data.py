@@ -20,7 +20,7 @@ import lzma
 from pathlib import Path
 from typing import Iterator
 
-from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.errors import ConfigError, InputError, InputNotFoundError
 
 __all__ = ["DEMO_DATA_DIR", "DEMO_SPLITS", "demo_documents", "demo_tokenizer"]
 
@@ -33,12 +33,12 @@ _TOKENIZER_FILE = "demo_tokenizer.json"
 
 def _split_path(split: str) -> Path:
     if split not in DEMO_SPLITS:
-        raise UniversalNeuronsError(
+        raise ConfigError(
             f"unknown demo corpus split {split!r}: use one of {', '.join(map(repr, DEMO_SPLITS))}"
         )
     path = DEMO_DATA_DIR / f"demo_corpus_{split}.jsonl.xz"
     if not path.is_file():
-        raise UniversalNeuronsError(
+        raise InputNotFoundError(
             f"demo corpus file {path} is missing: reinstall the package or run scripts/build_demo_corpus.py"
         )
     return path
@@ -47,20 +47,18 @@ def _split_path(split: str) -> Path:
 def demo_documents(split: str = "train") -> Iterator[dict[str, str]]:
     """Read the demo corpus lazily, one document at a time, in the shipped order.
 
-    **Arguments:**
+    Args:
+        split: `"train"` (~5.0M tokens) or `"heldout"` (~0.27M tokens, never used to train
+            the tokenizer).
 
-    - `split`: `"train"` (~5.0M tokens) or `"heldout"` (~0.27M tokens, never
-      used to train the tokenizer).
+    Returns:
+        An iterator of dicts with keys `source` (`"sotu"`, `"moby_dick"`, `"austen"` or
+        `"web_bible"`), `title` and `text`. Paragraphs in `text` are separated by
+        `"\\n\\n"`, verse lines by `"\\n"`.
 
-    **Returns:**
-
-    An iterator of dicts with keys `source` (`"sotu"`, `"moby_dick"`,
-    `"austen"` or `"web_bible"`), `title` and `text`. Paragraphs in `text` are
-    separated by `"\\n\\n"`, verse lines by `"\\n"`.
-
-    **Raises:**
-
-    `UniversalNeuronsError` for an unknown split or a missing data file.
+    Raises:
+        ConfigError: an unknown split.
+        InputNotFoundError: the data file is missing.
     """
     path = _split_path(split)  # checked now, not at the first next()
     return _read_jsonl_xz(path)
@@ -80,23 +78,22 @@ def demo_tokenizer():
     tokenizer from vocab/merges file paths silently gives an empty one).
     Nothing is added on encode, as with GPT-2: prepend `bos_token_id` yourself.
 
-    **Returns:**
+    Returns:
+        A `transformers.PreTrainedTokenizerFast` with 4,096 tokens, whose bos/eos/unk/pad
+        token is `"<|endoftext|>"` (id 0). `"\\n"` is one token.
 
-    A `transformers.PreTrainedTokenizerFast` with 4,096 tokens, whose
-    bos/eos/unk/pad token is `"<|endoftext|>"` (id 0). `"\\n"` is one token.
-
-    **Raises:**
-
-    `UniversalNeuronsError` if the tokenizer file is missing or loads empty.
+    Raises:
+        InputNotFoundError: the tokenizer file is missing.
+        InputError: it loads empty or without `<|endoftext|>` at id 0.
     """
     from transformers import PreTrainedTokenizerFast  # heavy import: only when asked for
 
     path = DEMO_DATA_DIR / _TOKENIZER_FILE
     if not path.is_file():
-        raise UniversalNeuronsError(
+        raise InputNotFoundError(
             f"demo tokenizer file {path} is missing: reinstall the package or run scripts/build_demo_corpus.py"
         )
-    tok = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(path),
         bos_token=_EOT,
         eos_token=_EOT,
@@ -104,9 +101,9 @@ def demo_tokenizer():
         pad_token=_EOT,
         clean_up_tokenization_spaces=False,  # decode must give back the exact text
     )
-    if not tok.encode("Hello world", add_special_tokens=False) or tok.convert_tokens_to_ids(_EOT) != 0:
-        raise UniversalNeuronsError(
+    if not tokenizer.encode("Hello world", add_special_tokens=False) or tokenizer.convert_tokens_to_ids(_EOT) != 0:
+        raise InputError(
             f"demo tokenizer from {path} loaded empty or without {_EOT} at id 0: "
             "check the transformers version (>= 4.45) or rebuild with scripts/build_demo_corpus.py"
         )
-    return tok
+    return tokenizer

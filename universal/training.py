@@ -12,8 +12,6 @@ Each checkpoint directory loads offline with `universal_neurons.activations.load
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,17 +23,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from universal_neurons.errors import UniversalNeuronsError
-from universal_neurons.runtime import package_versions, pick_device, progress
 from universal_neurons.activations.models import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
+from universal_neurons.artifacts import atomic_path, plain, read_json, write_json
+from universal_neurons.config import Config
+from universal_neurons.errors import InputError, OutputExistsError
+from universal_neurons.runtime import package_versions, pick_device, progress
 
 __all__ = ["TrainConfig", "TrainResult", "train_seed", "train_family", "log_spaced_steps", "seed_label"]
 
-log = logging.getLogger("universal_neurons")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """How each seed of a family is trained. Defaults: the demo family (see docs/demo_family.md
     for the measurements behind them)."""
 
@@ -49,55 +49,72 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # nanoGPT's betas for short runs
     grad_clip: float = 1.0
     n_checkpoints: int = 5  # saved at log-spaced steps, always including 0 and the last step
-    bf16: bool = True  # bf16 autocast: ~1.5-7x faster on CPU (OFFLINE.md), fp32 master weights
+    bf16: bool = True  # bf16 autocast: ~1.5-7x faster on CPU than fp32, fp32 master weights
     eval_tokens: int = 65_536  # validation tokens scored at every checkpoint
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
+        if isinstance(self.model, dict):  # GPT2Config is a plain dataclass: from_dict leaves it a dict
             object.__setattr__(self, "model", GPT2Config(**self.model))
         object.__setattr__(self, "betas", tuple(self.betas))
-        for k in ("n_tokens", "batch_rows", "n_checkpoints"):
-            if int(getattr(self, k)) <= 0:
-                raise UniversalNeuronsError(f"TrainConfig.{k} must be positive, got {getattr(self, k)}")
+        for name in ("n_tokens", "batch_rows", "n_checkpoints"):
+            if int(getattr(self, name)) <= 0:
+                self.fail(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_checkpoints < 2:
-            raise UniversalNeuronsError("TrainConfig.n_checkpoints must be >= 2 (step 0 and the last step)")
+            self.fail("n_checkpoints must be >= 2 (step 0 and the last step)")
         if not self.lr > 0:
-            raise UniversalNeuronsError(f"TrainConfig.lr must be positive, got {self.lr}")
+            self.fail(f"lr must be positive, got {self.lr}")
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens per optimiser step: `batch_rows * n_ctx`."""
         return self.batch_rows * self.model.n_ctx
 
     @property
     def n_steps(self) -> int:
+        """Optimiser steps of a seed (at least one)."""
         return max(1, self.n_tokens // self.tokens_per_step)
 
     def checkpoint_steps(self) -> list[int]:
+        """The steps saved as `checkpoint-<step>/` (`log_spaced_steps`)."""
         return log_spaced_steps(self.n_steps, self.n_checkpoints)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
 class TrainResult:
+    """One trained seed.
+
+    Attributes:
+        seed: its initialisation and data-order seed.
+        seed_dir: the directory holding its `checkpoint-<step>/` directories.
+        records: one training record per checkpoint (seed, step, tokens seen, losses, config).
+    """
+
     seed: int
     seed_dir: Path
     records: list[dict[str, Any]]
 
     @property
     def final(self) -> dict[str, Any]:
+        """The record of the last checkpoint."""
         return self.records[-1]
 
 
 def seed_label(k: int) -> str:
-    """`a, b, c, ...`: the reference seed is `a` (METHOD.md section 1)."""
+    """The label of the `k`-th model of a family: `a, b, c, ...` (the reference is `a`), then `s26, s27, ...`."""
     return chr(ord("a") + k) if k < 26 else f"s{k}"
 
 
 def log_spaced_steps(n_steps: int, n: int) -> list[int]:
     """`n` checkpoint steps from 0 to `n_steps`, log-uniform in between (like the Stanford
-    checkpoints, dense early when representations change fastest)."""
+    checkpoints, dense early when representations change fastest).
+
+    Args:
+        n_steps: the last step.
+        n: how many steps (every step when `n_steps < n`).
+
+    Returns:
+        The steps, ascending, 0 and `n_steps` included.
+    """
     if n_steps < n:
         return list(range(0, n_steps + 1))
     inner = np.geomspace(max(1.0, n_steps / 64), n_steps, n - 1)  # first step ~1.5% into training
@@ -107,13 +124,13 @@ def log_spaced_steps(n_steps: int, n: int) -> list[int]:
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.n_steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    decayed = (step - cfg.warmup_steps) / max(1, cfg.n_steps - cfg.warmup_steps)  # fraction of the cosine
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, decayed))))
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [param for param in model.parameters() if param.dim() >= 2]
+    no_decay = [param for param in model.parameters() if param.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused AdamW: one kernel for all parameters, several times faster than foreach on CPU here
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
@@ -129,14 +146,15 @@ def _loss(model, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def _evaluate(model, rows: torch.Tensor, batch_rows: int, bf16: bool) -> float:
+    """Mean next-token loss over `rows` `[row, pos]`."""
     model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(rows), batch_rows):
-        b = rows[i : i + batch_rows]
-        total += _loss(model, b, bf16).item() * len(b)
-        n += len(b)
+    total, n_rows = 0.0, 0
+    for start in range(0, len(rows), batch_rows):
+        batch = rows[start : start + batch_rows]
+        total += _loss(model, batch, bf16).item() * len(batch)
+        n_rows += len(batch)
     model.train()
-    return total / max(n, 1)
+    return total / max(n_rows, 1)
 
 
 def train_seed(
@@ -153,37 +171,48 @@ def train_seed(
 ) -> TrainResult:
     """Train one seed and save its checkpoints; resumes from `seed_dir` if a run was killed.
 
-    **Arguments**
-    - `train_rows`, `val_rows`: `Int[ndarray, "row pos"]` token rows with BOS first, pos = n_ctx
-      (`TokenSet.ids` of `build_token_set(..., TokenSetConfig(ctx_len=n_ctx))`).
-    - `tokenizer`: saved next to every checkpoint.
-    - `seed`: initialisation and data order.
-    - `seed_dir`: where `checkpoint-{step}/` directories go.
+    Args:
+        train_rows: `Int[ndarray, "row pos"]` training token rows with BOS first, pos = n_ctx
+            (`TokenSet.ids` of `build_token_set(..., TokenSetConfig(ctx_len=n_ctx))`).
+        val_rows: `Int[ndarray, "row pos"]` validation rows, the same way.
+        tokenizer: saved next to every checkpoint.
+        config: the training settings.
+        seed: initialisation and data order.
+        seed_dir: where `checkpoint-{step}/` directories and `resume.pt` go.
+        name: the model's name in its training records (default: the directory's name).
+        device: where to train; None picks CUDA when present.
+        show_progress: show a progress bar.
 
-    **Returns** a `TrainResult` with one training record per checkpoint
-    (seed, step, tokens seen, train and validation loss).
+    Returns:
+        A `TrainResult` with one training record per checkpoint (seed, step, tokens seen,
+        train and validation loss).
+
+    Raises:
+        InputError: the rows have the wrong shape, a token outside the vocabulary, or are too few.
+        OutputExistsError: `seed_dir` holds a run of another configuration or seed.
     """
     cfg = config
     dev = pick_device(device)
     seed_dir = Path(seed_dir)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     rows = np.asarray(train_rows, dtype=np.int64)
-    for what, r in (("training", rows), ("validation", val_rows)):
-        if r.ndim != 2 or r.shape[1] != cfg.model.n_ctx:
-            raise UniversalNeuronsError(
-                f"{what} rows have shape {r.shape}; expected (rows, n_ctx={cfg.model.n_ctx}): build them with "
+    for what, checked in (("training", rows), ("validation", val_rows)):
+        if checked.ndim != 2 or checked.shape[1] != cfg.model.n_ctx:
+            raise InputError(
+                f"{what} rows have shape {checked.shape}; expected (rows, n_ctx={cfg.model.n_ctx}): build them with "
                 f"TokenSetConfig(ctx_len={cfg.model.n_ctx})")
-        if int(r.max()) >= cfg.model.d_vocab:
-            raise UniversalNeuronsError(
-                f"token id {int(r.max())} in the {what} rows is outside the model's vocabulary ({cfg.model.d_vocab}); "
-                "set GPT2Config.d_vocab to the tokenizer's size")
+        if int(checked.max()) >= cfg.model.d_vocab:
+            raise InputError(
+                f"token id {int(checked.max())} in the {what} rows is outside the model's vocabulary "
+                f"({cfg.model.d_vocab}); set GPT2Config.d_vocab to the tokenizer's size")
     need = cfg.n_steps * cfg.batch_rows
     if need > len(rows):
-        raise UniversalNeuronsError(
+        raise InputError(
             f"training {cfg.n_tokens:,} tokens needs {need} rows of {cfg.model.n_ctx} but the training text has "
             f"{len(rows)} ({len(rows) * cfg.model.n_ctx:,} tokens); lower n_tokens or add text"
         )
-    val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int64)[: max(1, cfg.eval_tokens // cfg.model.n_ctx)]).to(dev)
+    n_val = max(1, cfg.eval_tokens // cfg.model.n_ctx)
+    val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int64)[:n_val]).to(dev)
     order = np.random.default_rng(seed).permutation(len(rows))[:need]  # data order is part of the seed
     steps = cfg.checkpoint_steps()
 
@@ -192,11 +221,11 @@ def train_seed(
     records: list[dict[str, Any]] = []
     start = 0
     resume = seed_dir / "resume.pt"
-    done = [s for s in list_checkpoints(seed_dir) if s in steps]
+    done = [step for step in list_checkpoints(seed_dir) if step in steps]
     if done and resume.exists():
         state = torch.load(resume, map_location=dev, weights_only=False)
-        if state["config"] != json.loads(json.dumps(cfg.to_dict())) or state["seed"] != seed:
-            raise UniversalNeuronsError(
+        if state["config"] != plain(cfg.to_dict()) or state["seed"] != seed:
+            raise OutputExistsError(
                 f"{seed_dir} holds a run with another configuration or seed; choose a new directory "
                 "or delete it to start over"
             )
@@ -220,10 +249,10 @@ def train_seed(
         }
         records.append(rec)
         save_model_dir(model, tokenizer, checkpoint_dir(seed_dir, step), rec)
-        tmp = resume.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "records": records, "seed": seed, "config": json.loads(json.dumps(cfg.to_dict()))}, tmp)
-        tmp.replace(resume)  # atomic: a kill never leaves a half-written resume file
+        # atomic: a kill never leaves a half-written resume file
+        with atomic_path(resume, overwrite=True) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "records": records, "seed": seed, "config": plain(cfg.to_dict())}, tmp)
 
     if start == 0 and not done:
         checkpoint(0, None)
@@ -231,8 +260,8 @@ def train_seed(
                    unit="step", initial=start, total=cfg.n_steps)
     t0, ema = time.perf_counter(), None
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
         idx = order[step * cfg.batch_rows : (step + 1) * cfg.batch_rows]
         batch = torch.from_numpy(rows[idx]).to(dev)
         loss = _loss(model, batch, cfg.bf16)
@@ -262,28 +291,47 @@ def train_family(
     device: str | None = None,
     show_progress: bool = True,
 ) -> list[TrainResult]:
-    """Train every seed into `family_dir/seed-{a,b,...}`; finished seeds are reused, killed ones resumed."""
+    """Train every seed into `family_dir/seed-{a,b,...}`; finished seeds are reused, killed ones resumed.
+
+    Args:
+        train_rows: `Int[ndarray, "row pos"]` training token rows (see `train_seed`).
+        val_rows: `Int[ndarray, "row pos"]` validation rows.
+        tokenizer: saved next to every checkpoint.
+        config: the training settings of every seed.
+        seeds: one seed per model; the first is the reference `seed-a`.
+        family_dir: where the seed directories and `family.json` (configuration and seeds) go.
+        device: where to train; None picks CUDA when present.
+        show_progress: show progress bars.
+
+    Returns:
+        One `TrainResult` per seed, in order.
+
+    Raises:
+        OutputExistsError: `family_dir` holds a family of another configuration or seeds.
+        InputError: see `train_seed`.
+    """
     family_dir = Path(family_dir)
     family_dir.mkdir(parents=True, exist_ok=True)
     manifest = family_dir / "family.json"
-    spec = {"config": config.to_dict(), "seeds": list(map(int, seeds))}
+    spec = plain({"config": config.to_dict(), "seeds": list(map(int, seeds))})
     if manifest.exists():
-        old = json.loads(manifest.read_text())
-        if old.get("config") != json.loads(json.dumps(spec["config"])) or old.get("seeds") != spec["seeds"]:
-            raise UniversalNeuronsError(
+        old = read_json(manifest, what="family manifest")
+        if old.get("config") != spec["config"] or old.get("seeds") != spec["seeds"]:
+            raise OutputExistsError(
                 f"{family_dir} holds a family trained with another configuration or seeds; pass a new "
                 "directory, or delete it to retrain"
             )
     else:
-        manifest.write_text(json.dumps(spec, indent=2, sort_keys=True))
+        write_json(manifest, spec)
     out = []
+    steps = config.checkpoint_steps()
     for k, seed in enumerate(seeds):
         seed_dir = family_dir / f"seed-{seed_label(k)}"
-        steps = config.checkpoint_steps()
         if list_checkpoints(seed_dir)[-1:] == [steps[-1]]:
-            recs = [json.loads((checkpoint_dir(seed_dir, s) / "universal_neurons.json").read_text()) for s in steps]
+            records = [read_json(checkpoint_dir(seed_dir, step) / "universal_neurons.json", what="training record")
+                       for step in steps]
             log.info("reusing %s (already trained)", seed_dir)
-            out.append(TrainResult(seed=seed, seed_dir=seed_dir, records=recs))
+            out.append(TrainResult(seed=seed, seed_dir=seed_dir, records=records))
             continue
         out.append(train_seed(train_rows, val_rows, tokenizer, config=config, seed=seed, seed_dir=seed_dir,
                               name=f"seed-{seed_label(k)}", device=device, show_progress=show_progress))

@@ -1,4 +1,4 @@
-"""Stage: correlations -> universality table (METHOD.md §6).
+"""Stage: correlations -> universality table.
 
     excess_corr[i] = mean_{m}( max_corr^{a,m}[i] - baseline^{a,m}[i] )
     is_universal[i] = excess_corr[i] > threshold      (strict; paper: 0.5)
@@ -19,13 +19,15 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.artifacts import atomic_path, read_json, refuse_existing, write_json
+from universal_neurons.errors import ConfigError, InputError, InputNotFoundError
 from universal_neurons.runtime import from_json, provenance_base, to_json
 
 from .correlation import CorrelationResult
 
 __all__ = [
     "UNIVERSAL_THRESHOLD",
+    "PAPER_COLUMNS",
     "flag_universal",
     "universality_table",
     "save_universality_table",
@@ -37,47 +39,57 @@ UNIVERSAL_THRESHOLD = 0.5  # the paper's cut on excess correlation
 PAPER_COLUMNS = ["layer", "neuron", "max_corr", "mean_corr", "min_corr", "max_baseline",
                  "mean_baseline", "min_baseline", "excess_corr", "is_universal"]
 
+_TABLE_FORMATS = {".csv": "csv", ".h5": "hdf5", ".hdf5": "hdf5"}
+
 
 def flag_universal(excess_corr: np.ndarray, threshold: float = UNIVERSAL_THRESHOLD) -> np.ndarray:
     """`excess_corr > threshold`, strict; NaN (dead neurons) is never universal.
 
-    **Arguments:** `excess_corr`: `[neuron]`; `threshold`: the cut.
+    Args:
+        excess_corr: `[neuron]` excess correlation over the baseline.
+        threshold: the cut (the paper's 0.5 by default).
 
-    **Returns:** bool `[neuron]`.
+    Returns:
+        bool `[neuron]`.
+
+    Raises:
+        ConfigError: `threshold` is not a finite number.
     """
     if not np.isfinite(threshold):
-        raise UniversalNeuronsError(f"threshold={threshold!r} must be a finite number, e.g. 0.5")
-    e = np.asarray(excess_corr, dtype=np.float64)
+        raise ConfigError(f"threshold={threshold!r} must be a finite number, e.g. 0.5")
+    excess = np.asarray(excess_corr, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        return np.where(np.isnan(e), False, e > threshold)
+        return np.where(np.isnan(excess), False, excess > threshold)
 
 
 def _one_table(result: CorrelationResult, threshold: float) -> pd.DataFrame:
     if result.baseline is None:
-        raise UniversalNeuronsError(
+        raise InputError(
             "this correlation result has no baseline (baseline='none'); excess_corr needs one: "
             "rerun correlate with CorrelationConfig(baseline='rotation')")
     ref = result.reference
-    mc, bl = np.asarray(result.max_corr, float), np.asarray(result.baseline, float)  # [model, neuron]
+    max_corr = np.asarray(result.max_corr, float)  # [model, neuron]
+    baseline = np.asarray(result.baseline, float)  # [model, neuron]
     flat = np.arange(ref.n_neurons)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of dead neurons
-        excess = np.mean(mc - bl, axis=0)
+        excess = np.mean(max_corr - baseline, axis=0)
         cols = {
             "layer": flat // ref.d_mlp, "neuron": flat % ref.d_mlp,
-            "max_corr": np.max(mc, axis=0), "mean_corr": np.mean(mc, axis=0), "min_corr": np.min(mc, axis=0),
-            "max_baseline": np.max(bl, axis=0), "mean_baseline": np.mean(bl, axis=0),
-            "min_baseline": np.min(bl, axis=0),
+            "max_corr": np.max(max_corr, axis=0), "mean_corr": np.mean(max_corr, axis=0),
+            "min_corr": np.min(max_corr, axis=0),
+            "max_baseline": np.max(baseline, axis=0), "mean_baseline": np.mean(baseline, axis=0),
+            "min_baseline": np.min(baseline, axis=0),
             "excess_corr": excess, "is_universal": flag_universal(excess, threshold),
         }
     dead = result.dead.get(ref.label)
     cols["dead"] = np.asarray(dead, bool) if dead is not None else np.isnan(cols["max_corr"])
-    for k, m in enumerate(result.others):
-        layer, neuron = result.partner_of(m.label)
-        cols[f"max_corr_{m.label}"] = mc[k]
-        cols[f"baseline_{m.label}"] = bl[k]
-        cols[f"partner_layer_{m.label}"] = layer
-        cols[f"partner_neuron_{m.label}"] = neuron
+    for k, other in enumerate(result.others):
+        layer, neuron = result.partner_of(other.label)
+        cols[f"max_corr_{other.label}"] = max_corr[k]
+        cols[f"baseline_{other.label}"] = baseline[k]
+        cols[f"partner_layer_{other.label}"] = layer
+        cols[f"partner_neuron_{other.label}"] = neuron
     return pd.DataFrame(cols)
 
 
@@ -85,29 +97,46 @@ def universality_table(result: CorrelationResult | Mapping[str, CorrelationResul
                        threshold: float = UNIVERSAL_THRESHOLD) -> pd.DataFrame:
     """The universality table of one reference model (or of all, in all-pairs mode).
 
-    **Arguments:**
-    - `result`: a `CorrelationResult`, or the label -> result dict of `correlate_all_pairs`
-      (rows of all references stacked, with a leading `reference` column).
-    - `threshold`: `is_universal = excess_corr > threshold`.
+    Args:
+        result: a `CorrelationResult`, or the label -> result dict of `correlate_all_pairs`
+            (rows of all references stacked, with a leading `reference` column).
+        threshold: `is_universal = excess_corr > threshold`.
 
-    **Returns:** DataFrame, one row per reference neuron (`layer`, `neuron` first);
-    `df.attrs` holds the threshold and the correlation provenance.
+    Returns:
+        DataFrame, one row per reference neuron (`[layer * d_mlp]` rows, `layer`, `neuron`
+        first, then the paper's columns, `dead` and the per-model columns); `df.attrs` holds
+        the threshold and the correlation provenance.
+
+    Raises:
+        InputError: a result has no baseline, or the dict is empty.
+        ConfigError: `threshold` is not finite.
     """
     if isinstance(result, CorrelationResult):
-        df = _one_table(result, threshold)
-        df.attrs.update(threshold=threshold, reference=result.reference.label,
-                        correlation_provenance=result.provenance)
-        return df
+        table = _one_table(result, threshold)
+        table.attrs.update(threshold=threshold, reference=result.reference.label,
+                           correlation_provenance=result.provenance)
+        return table
     parts = []
-    for label, r in result.items():
-        t = _one_table(r, threshold)
-        t.insert(0, "reference", label)
-        parts.append(t)
+    for label, one in result.items():
+        part = _one_table(one, threshold)
+        part.insert(0, "reference", label)
+        parts.append(part)
     if not parts:
-        raise UniversalNeuronsError("no correlation results given; pass the dict returned by correlate_all_pairs")
-    df = pd.concat(parts, ignore_index=True)  # per-model columns differ per reference: NaN where absent
-    df.attrs.update(threshold=threshold)
-    return df
+        raise InputError("no correlation results given; pass the dict returned by correlate_all_pairs")
+    table = pd.concat(parts, ignore_index=True)  # per-model columns differ per reference: NaN where absent
+    table.attrs.update(threshold=threshold)
+    return table
+
+
+def _table_format(path: str | os.PathLike) -> str:
+    fmt = _TABLE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
+    if fmt is None:
+        raise ConfigError(f"cannot tell the format of {os.fspath(path)!r}; end the name in .csv, .h5 or .hdf5")
+    return fmt
+
+
+def _sidecar(path: str | os.PathLike) -> str:
+    return os.fspath(path) + ".json"
 
 
 def save_universality_table(table: pd.DataFrame, path: str | os.PathLike, *,
@@ -115,50 +144,66 @@ def save_universality_table(table: pd.DataFrame, path: str | os.PathLike, *,
     """Write the table as CSV (`.csv`) or HDF5 (`.h5`/`.hdf5`, one dataset per column).
 
     HDF5 is written with h5py (no pytables needed); provenance goes to the file
-    attributes, for CSV to a `<path>.json` sidecar.
+    attributes, for CSV to a `<path>.json` sidecar. Both files are written atomically.
+
+    Args:
+        table: a universality table (`universality_table`).
+        path: the output file; its suffix picks the format.
+        provenance: extra fields recorded with the table (e.g. the correlation provenance).
+        overwrite: replace an existing file.
+
+    Raises:
+        ConfigError: the suffix is not `.csv`, `.h5` or `.hdf5`.
+        OutputExistsError: `path` exists and `overwrite` is False.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise UniversalNeuronsError(f"{path!r} already exists; pass overwrite=True to replace it or choose another path")
+    fmt = _table_format(path)
+    refuse_existing(path, overwrite=overwrite)
     prov = {**provenance_base("universality_table"), **(provenance or {}),
             "threshold": table.attrs.get("threshold"), "correlation": table.attrs.get("correlation_provenance")}
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
-        table.to_csv(path, index=False)
-        with open(path + ".json", "w") as f:
-            f.write(to_json(prov))
-    elif ext in (".h5", ".hdf5"):
-        import h5py
-        with h5py.File(path, "w") as f:
-            f.attrs["provenance"] = to_json(prov)
-            f.attrs["columns"] = to_json(list(table.columns))
-            for c in table.columns:
-                v = table[c].to_numpy()
-                f.create_dataset(f"columns/{c}", data=v.astype("S") if v.dtype == object else v)
-    else:
-        raise UniversalNeuronsError(f"cannot tell the format of {path!r}; end the name in .csv, .h5 or .hdf5")
+    if fmt == "csv":
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            table.to_csv(tmp, index=False)
+        write_json(_sidecar(path), prov, overwrite=True)  # belongs to the table just written
+        return
+    import h5py
+
+    with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["provenance"] = to_json(prov)
+        f.attrs["columns"] = to_json(list(table.columns))
+        for column in table.columns:
+            values = table[column].to_numpy()
+            f.create_dataset(f"columns/{column}", data=values.astype("S") if values.dtype == object else values)
 
 
 def load_universality_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a table written by `save_universality_table`; provenance in `df.attrs['provenance']`."""
-    path = os.fspath(path)
+    """Read a table written by `save_universality_table`.
+
+    Args:
+        path: a `.csv` (with its optional `<path>.json` provenance sidecar) or `.h5`/`.hdf5` file.
+
+    Returns:
+        The table; its provenance in `df.attrs['provenance']` (absent for a CSV without sidecar).
+
+    Raises:
+        InputNotFoundError: `path` does not exist.
+        ConfigError: the suffix names no known format.
+    """
     if not os.path.exists(path):
-        raise UniversalNeuronsError(f"no universality table at {path!r}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
-        df = pd.read_csv(path)
-        side = path + ".json"
-        if os.path.exists(side):
-            with open(side) as f:
-                df.attrs["provenance"] = from_json(f.read())
-        return df
+        raise InputNotFoundError(f"no universality table at {os.fspath(path)!r}; run the pipeline "
+                                 "(`universal-neurons run`) or save one with save_universality_table")
+    if _table_format(path) == "csv":
+        table = pd.read_csv(path)
+        if os.path.exists(_sidecar(path)):
+            table.attrs["provenance"] = read_json(_sidecar(path), what="universality table provenance")
+        return table
     import h5py
+
     with h5py.File(path, "r") as f:
-        cols = from_json(f.attrs["columns"])
+        columns = from_json(f.attrs["columns"])
         data = {}
-        for c in cols:
-            v = f[f"columns/{c}"][()]
-            data[c] = v.astype(str) if v.dtype.kind == "S" else v
-        df = pd.DataFrame(data, columns=cols)
-        df.attrs["provenance"] = from_json(f.attrs["provenance"])
-    return df
+        for column in columns:
+            values = f[f"columns/{column}"][()]
+            data[column] = values.astype(str) if values.dtype.kind == "S" else values
+        table = pd.DataFrame(data, columns=columns)
+        table.attrs["provenance"] = from_json(f.attrs["provenance"])
+    return table
