@@ -63,9 +63,9 @@ def main() -> None:
     a = ap.parse_args()
     set_progress(False)
 
-    layouts = [ModelLayout(l, a.layers, a.d_mlp) for l in ("a", "b", "c")]
+    layouts = [ModelLayout(label, a.layers, a.d_mlp) for label in ("a", "b", "c")]
     n_batches = a.tokens // a.batch_tokens
-    src = SyntheticShards(n_batches, a.batch_tokens, [l.n_neurons for l in layouts])
+    src = SyntheticShards(n_batches, a.batch_tokens, [m.n_neurons for m in layouts])
     cfg = CorrelationConfig(device="cpu")
     pf = preflight(layouts, n_batches * a.batch_tokens, cfg)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -81,10 +81,10 @@ def main() -> None:
         client = connect(f"local:{n}")
         try:
             client.wait_for_workers(n)
-            warm = SyntheticShards(2, 256, [l.n_neurons for l in layouts])
+            warm = SyntheticShards(2, 256, [m.n_neurons for m in layouts])
             correlate_distributed(warm, layouts, cfg, cluster=client, n_shards=2 * n)  # imports on every worker
-            times[n], results[n] = _time(lambda: correlate_distributed(src, layouts, cfg, cluster=client,
-                                                                       n_shards=a.shards), a.repeat)
+            times[n], results[n] = _time(lambda c=client: correlate_distributed(src, layouts, cfg, cluster=c,
+                                                                                n_shards=a.shards), a.repeat)
         finally:
             client.close()
         print(f"Dask, {n} worker(s) x 1 thread: {times[n]:7.2f} s  ({pf['gemm_flops'] / times[n] / 1e9:.1f} GFLOP/s)")

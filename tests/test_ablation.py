@@ -8,8 +8,6 @@ import pandas as pd
 import pytest
 import torch
 
-from universal_neurons.activations import StoreConfig, TokenSetConfig, UniversalNeuronsError, build_token_set, cache_activations, load_model
-from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
 from universal_neurons import (
     AblationConfig,
@@ -22,6 +20,15 @@ from universal_neurons import (
     save_universality_table,
 )
 from universal_neurons.ablation import counted_predictions
+from universal_neurons.activations import (
+    StoreConfig,
+    TokenSetConfig,
+    UniversalNeuronsError,
+    build_token_set,
+    cache_activations,
+    load_model,
+)
+from universal_neurons.cli.main import main as cli
 
 TEXT = [SAMPLE_TEXT * 2, SAMPLE_TEXT.upper()]
 NO_MASK = TokenSetConfig(ctx_len=32, exclude_bos=False, exclude_special=False, exclude_newlines=False)
@@ -76,8 +83,8 @@ def _table(lm, universal, dead=()):
     t = pd.DataFrame({"layer": np.arange(n) // lm.d_mlp, "neuron": np.arange(n) % lm.d_mlp,
                       "excess_corr": np.zeros(n), "is_universal": False, "dead": False})
     for col, pairs in (("is_universal", universal), ("dead", dead)):
-        for l, i in pairs:
-            t.loc[l * lm.d_mlp + i, col] = True
+        for layer, i in pairs:
+            t.loc[layer * lm.d_mlp + i, col] = True
     return t
 
 
@@ -88,8 +95,9 @@ def test_zero_ablation_equals_zeroed_w_out_rows(model_dir, lm, ts, ts_all):
     neurons = {0: list(range(0, 64, 2)), 1: [3, 7, 11]}
     copy = load_model(model_dir, checkpoint=0, device="cpu")
     with torch.no_grad():
-        for l, idx in neurons.items():  # Conv1D weight [d_mlp, d_model]: row i is neuron i's output (W_out[l, i])
-            _mlp(copy, l).c_proj.weight[idx] = 0.0
+        # Conv1D weight [d_mlp, d_model]: row i is neuron i's output (W_out[layer, i])
+        for layer, idx in neurons.items():
+            _mlp(copy, layer).c_proj.weight[idx] = 0.0
     assert torch.equal(copy.model.W_out[0, 0], torch.zeros(lm.d_model))
     cfg = AblationConfig(kind="zero", n_bootstrap=50)
     with torch.no_grad():
@@ -139,8 +147,9 @@ def test_means_from_store_equal_streamed_means(lm, ts, tmp_path):
     store = cache_activations(lm, ts, tmp_path / "a.h5", config=StoreConfig(dtype="float32"), batch_rows=8)
     streamed = neuron_means(lm, ts, batch_rows=5)
     with torch.no_grad():
-        _, cache = lm.model.run_with_cache(torch.from_numpy(ts.ids).long(), names_filter=lambda n: n.endswith("hook_post"))
-    ref = np.stack([cache[f"blocks.{l}.mlp.hook_post"].double().numpy()[ts.mask].mean(0) for l in range(2)])
+        _, cache = lm.model.run_with_cache(torch.from_numpy(ts.ids).long(),
+                                           names_filter=lambda n: n.endswith("hook_post"))
+    ref = np.stack([cache[f"blocks.{layer}.mlp.hook_post"].double().numpy()[ts.mask].mean(0) for layer in range(2)])
     np.testing.assert_allclose(streamed, ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(neuron_means(store, ts), ref, rtol=0, atol=1e-6)
     # a store of another token set is refused for means
@@ -163,13 +172,13 @@ def test_controls_match_layer_counts_and_avoid_universal_and_dead(lm, ts, tmp_pa
     assert len(res.runs) == 3 * (1 + 3) == len(res.sets)
     for (_, run), s in zip(res.runs.iterrows(), res.sets):
         uni = res.sets[res.runs.index[(res.runs.group == run.group) & (res.runs.set == "universal")][0]]
-        assert {l: len(v) for l, v in s.items()} == {l: len(v) for l, v in uni.items()}
+        assert {layer: len(v) for layer, v in s.items()} == {layer: len(v) for layer, v in uni.items()}
         assert sum(len(v) for v in s.values()) == run.n_neurons
         if run.set == "control":
-            assert not {(l, i) for l, v in s.items() for i in v} & forbidden
+            assert not {(layer, i) for layer, v in s.items() for i in v} & forbidden
     # seeded draws repeat (the study's controls are control_sets' draws); another seed draws other sets
     pool = np.ones(128, bool)
-    pool[[l * 64 + i for l, i in forbidden]] = False
+    pool[[layer * 64 + i for layer, i in forbidden]] = False
     uni = {0: np.array([1, 4, 9, 16, 25]), 1: np.array([2, 3, 5])}
 
     def plain(sets):

@@ -15,15 +15,32 @@ import torch
 
 pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402  (installed with distributed)
+from conftest import SAMPLE_TEXT  # noqa: E402
 
-from universal_neurons.activations import ActivationStore, StoreConfig, UniversalNeuronsError, cache_activations, iter_aligned, load_model  # noqa: E402
+from universal_neurons import CorrelationConfig, CorrelationResult, ModelLayout, correlate, universality_table  # noqa: E402
+from universal_neurons.activations import (  # noqa: E402
+    ActivationStore,
+    StoreConfig,
+    UniversalNeuronsError,
+    cache_activations,
+    iter_aligned,
+    load_model,
+)
 from universal_neurons.activations.store import LiveSource  # noqa: E402
 from universal_neurons.activations.tokens import TokenSetConfig, build_token_set  # noqa: E402
 from universal_neurons.cli.main import main as cli  # noqa: E402
-from conftest import SAMPLE_TEXT  # noqa: E402
-from universal_neurons import CorrelationConfig, CorrelationResult, ModelLayout, correlate, universality_table  # noqa: E402
-from universal_neurons.distributed import (batch_shards, cache_distributed, connect, correlate_distributed,  # noqa: E402
-                                   live_shards, shard_ranges, stitch_stores, store_shards, using_cluster)
+from universal_neurons.distributed import (  # noqa: E402
+    batch_shards,
+    cache_distributed,
+    cluster,  # noqa: E402
+    connect,
+    correlate_distributed,
+    live_shards,
+    shard_ranges,
+    stitch_stores,
+    store_shards,
+    using_cluster,
+)
 
 # the fault-injection hook below is defined here: send it to the workers by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -33,8 +50,9 @@ F32 = StoreConfig(dtype="float32")
 
 
 def _warm_imports():
-    import universal_neurons.activations.models  # noqa: F401
     from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+
+    import universal_neurons.activations.models  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +102,8 @@ def _planted(n_batches=7, tokens=48, seed=0):
     out = []
     for _ in range(n_batches):
         x = torch.randn(tokens, 40, generator=g) * 0.1 + 1e3  # mean 10^4 x the spread: tests the shifted merge
-        y = torch.cat([x[:, :20] * 2 + torch.randn(tokens, 20, generator=g) * 0.1, torch.randn(tokens, 20, generator=g)], 1)
+        y = torch.cat([x[:, :20] * 2 + torch.randn(tokens, 20, generator=g) * 0.1,
+                       torch.randn(tokens, 20, generator=g)], 1)
         out.append((torch.rand(tokens, generator=g) > 0.2, [x, y.flip(1)]))
     return out
 
@@ -115,8 +134,9 @@ def test_blocks_and_per_batch_baselines_equal_single_process(client, baseline):
     np.testing.assert_array_equal(r1.partner[0][:20], 39 - np.arange(20))  # planted: b's columns are flipped
 
 
-def _kill_once(shard, block, *, marker, victim):
-    """Fault injection: the first worker to reach shard `victim` dies there with SIGKILL, once."""
+def _kill_once(kind, shard, block, *, marker, victim):
+    """Fault injection (replaces `cluster.before_task`): the first worker to reach shard `victim`
+    dies there with SIGKILL, once."""
     if shard != victim:
         return
     try:
@@ -128,14 +148,15 @@ def _kill_once(shard, block, *, marker, victim):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_killed_worker_is_retried_and_the_result_is_unchanged(client, stores, tmp_path):
+def test_killed_worker_is_retried_and_the_result_is_unchanged(client, stores, tmp_path, monkeypatch):
     cfg = CorrelationConfig()
     src = store_shards(stores, batch_tokens=4096)
     r0 = correlate(iter_aligned(stores, batch_tokens=4096), LAYOUTS, cfg)
     calm = correlate_distributed(src, LAYOUTS, cfg, cluster=client, n_shards=4)
     marker = tmp_path / "killed"
-    hook = functools.partial(_kill_once, marker=str(marker), victim=1)
-    hit = correlate_distributed(src, LAYOUTS, cfg, cluster=client, n_shards=4, _task_hook=hook)
+    # the hook in place at submit time travels to the workers with every task
+    monkeypatch.setattr(cluster, "before_task", functools.partial(_kill_once, marker=str(marker), victim=1))
+    hit = correlate_distributed(src, LAYOUTS, cfg, cluster=client, n_shards=4)
     assert marker.exists() and int(marker.read_text()) > 0  # a worker really died mid-correlation
     for name in ("max_corr", "partner", "baseline", "baseline_partner", "min_corr"):  # bit for bit
         np.testing.assert_array_equal(getattr(hit, name), getattr(calm, name), err_msg=name)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from universal_neurons.activations import LoadedModel, TokenSet, run_with_post_hooks
-from universal_neurons.errors import IncompatibleInputsError, InputError
+from universal_neurons.errors import ConfigError, IncompatibleInputsError, InputError
 from universal_neurons.runtime import progress
 
 from .neurons import Neurons
@@ -91,24 +91,30 @@ def hooks_for(s: Neurons, kind: str, value: float | None, means: np.ndarray | No
     Returns:
         `{layer: f(act[batch, pos, d_mlp]) -> act}`.
     """
-    hooks = {}
+    if kind == "mean" and means is None:
+        raise ConfigError("kind='mean' needs the neurons' means; pass means= (see neuron_means)")
+    hooks: Hooks = {}
     for layer, idx in s.items():
         if kind == "zero":
             vals = np.zeros(len(idx))
         elif kind == "fixed":
             vals = np.full(len(idx), value)
         else:
-            vals = means[layer, idx]
-        ix = torch.as_tensor(idx, dtype=torch.long, device=device)
-        vt = torch.as_tensor(vals, dtype=torch.float64, device=device)
-
-        def f(act: torch.Tensor, ix=ix, vt=vt) -> torch.Tensor:
-            out = act.clone()  # never write into a tensor the model may still hold
-            out[..., ix] = vt.to(act.dtype)
-            return out
-
-        hooks[layer] = f
+            vals = means[layer, idx]  # type: ignore[index]  # checked above
+        hooks[layer] = _writer(torch.as_tensor(idx, dtype=torch.long, device=device),
+                               torch.as_tensor(vals, dtype=torch.float64, device=device))
     return hooks
+
+
+def _writer(ix: torch.Tensor, values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`f(act[batch, pos, d_mlp]) -> act` with neurons `ix` set to `values`."""
+
+    def f(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()  # never write into a tensor the model may still hold
+        out[..., ix] = values.to(act.dtype)
+        return out
+
+    return f
 
 
 @dataclass
@@ -135,7 +141,7 @@ class RowSums:
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts], axis=-1)
                       for f in dataclasses.fields(cls)})
 
-    def point(self, s: int) -> dict[str, float]:
+    def point(self, s: int) -> dict[str, Any]:
         """Means over every counted prediction of set `s`: the columns of a run."""
         n = self.n.sum()
         ce_c, ce_a = self.ce_clean.sum() / n, self.ce_ablated[s].sum() / n

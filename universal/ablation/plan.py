@@ -23,7 +23,16 @@ from universal_neurons.runtime import provenance_base, to_json
 
 from .bootstrap import bootstrap_replicates, interval, summarise
 from .config import AblationConfig
-from .evaluate import RowSums, Sink, auto_batch_rows, check_counted, check_tokens, counted_predictions, evaluate, hooks_for
+from .evaluate import (
+    RowSums,
+    Sink,
+    auto_batch_rows,
+    check_counted,
+    check_tokens,
+    counted_predictions,
+    evaluate,
+    hooks_for,
+)
 from .means import check_means, study_means
 from .neurons import Neurons, control_sets, count, neuron_set, split_table
 from .output import RUN_COLUMNS, AblationMetrics, AblationResult, FileSink, MemorySink
@@ -192,13 +201,15 @@ def _provenance(lm: LoadedModel, ts: TokenSet, config: AblationConfig, means_sou
     return {**provenance_base("ablation"), "model": lm.provenance, "checkpoint": lm.provenance.get("checkpoint"),
             "token_set": {"hash": ts.hash, "n_rows": ts.n_rows, "ctx_len": ts.ctx_len, "config": ts.config.to_dict(),
                           "source": ts.source},
-            "config": config.to_dict(), "kind": config.kind, "seeds": {"controls": config.seed, "bootstrap": config.seed},
+            "config": config.to_dict(), "kind": config.kind,
+            "seeds": {"controls": config.seed, "bootstrap": config.seed},
             "means": means_source, "hook": "blocks.{layer}.mlp.hook_post",
             "counted": "prediction at pos (of token pos+1) counted iff mask[pos] and mask[pos+1]",
             "bootstrap_unit": "token row"}
 
 
-def ablation_study(lm: LoadedModel, table_or_neurons, token_set: TokenSet, config: AblationConfig = AblationConfig(), *,
+def ablation_study(lm: LoadedModel, table_or_neurons, token_set: TokenSet,
+                   config: AblationConfig = AblationConfig(), *,
                    store: ActivationStore | str | os.PathLike | None = None, means: np.ndarray | None = None,
                    per_token_path: str | os.PathLike | None = None, overwrite: bool = False,
                    progress_bar: bool | None = None) -> AblationResult:
@@ -262,6 +273,7 @@ def ablate(lm: LoadedModel, neurons, token_set: TokenSet, config: AblationConfig
     if per_token_path is not None:
         check_writable(per_token_path, overwrite=overwrite)
     plan = AblationPlan.for_set(lm, neurons, token_set, config, means=means, store=store)
+    pt = None
     if per_token_path is not None:
         with FileSink(per_token_path, 1, token_set, ["set"], {"provenance": to_json(plan.provenance)}, overwrite,
                       plan.batch_rows) as sink:
@@ -269,10 +281,10 @@ def ablate(lm: LoadedModel, neurons, token_set: TokenSet, config: AblationConfig
     else:
         memory = MemorySink(1, token_set) if per_token else None
         sums = plan.evaluate(lm, token_set, progress_bar=progress_bar, sink=memory)
+        if memory is not None:
+            pt = {k: (v[0] if v.ndim == 3 else v) for k, v in memory.arrays.items()}
     boot = bootstrap_replicates(sums, config)
-    pt = None
-    if per_token and per_token_path is None:
-        pt = {k: (v[0] if v.ndim == 3 else v) for k, v in memory.arrays.items()}
-    (dce_lo, dce_hi), (kl_lo, kl_hi) = interval(boot["delta_ce"][:, 0], config.ci), interval(boot["kl"][:, 0], config.ci)
+    dce_lo, dce_hi = interval(boot["delta_ce"][:, 0], config.ci)
+    kl_lo, kl_hi = interval(boot["kl"][:, 0], config.ci)
     return AblationMetrics(n_neurons=count(plan.sets[0]), **sums.point(0), delta_ce_lo=dce_lo, delta_ce_hi=dce_hi,
                            kl_lo=kl_lo, kl_hi=kl_hi, row_sums=sums.arrays(0), per_token=pt)

@@ -60,7 +60,8 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
             return (p["token_set"]["hash"] == ts.hash and p["config"] == plain(config.to_dict())
                     and p["model"].get("resolved") == prov["resolved"] and p["checkpoint"] == prov["checkpoint"])
 
-        if reuse_or_refuse(out / "ablation.json", overwrite=overwrite, matches=same_inputs, what="set of ablation results"):
+        if reuse_or_refuse(out / "ablation.json", overwrite=overwrite, matches=same_inputs,
+                           what="set of ablation results"):
             log.info("reusing %s", out)
             return {"ablation": _headline(AblationResult.load(out), out)}
         lm = load_from_provenance(prov, device=device)
