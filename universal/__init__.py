@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
                      "preflight"], "correlation"),
     **dict.fromkeys(["universality_table", "flag_universal", "save_universality_table",
                      "load_universality_table"], "universality"),
-    **dict.fromkeys(["AblationConfig", "AblationMetrics", "AblationResult", "ablate", "ablation_study",
+    **dict.fromkeys(["AblationConfig", "AblationPlan", "AblationMetrics", "AblationResult", "ablate", "ablation_study",
                      "ablation_stage", "control_sets", "neuron_means", "neuron_set"], "ablation"),
     **dict.fromkeys(["PersistenceResult", "persistence_from_tables", "run_persistence", "persistence_stage",
                      "resolve_steps"], "persistence"),
