@@ -21,10 +21,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from universal_neurons.runtime import pick_device, set_progress  # noqa: E402
 from universal_neurons.correlation import (  # noqa: E402
-    CorrelationConfig, ModelLayout, _Reordered, accumulate, correlate, correlate_all_pairs, finalize, preflight,
-    reference_blocks)
+    CorrelationConfig,
+    ModelLayout,
+    accumulate,
+    correlate,
+    correlate_all_pairs,
+    finalize,
+    preflight,
+    reference_blocks,
+)
+from universal_neurons.correlation.all_pairs import Reordered  # noqa: E402
+from universal_neurons.runtime import pick_device, set_progress  # noqa: E402
 
 N_MODELS, N_LAYERS, D_MLP, BATCH, DISTINCT = 5, 2, 512, 8192, 3
 LAYOUTS = [ModelLayout(s, N_LAYERS, D_MLP) for s in "abcde"[:N_MODELS]]
@@ -109,7 +117,7 @@ def reference_algorithm(source, device) -> float:
                 a1 = acts[0].view(-1, N_LAYERS, D_MLP).permute(1, 2, 0)[:, :, mask]
                 a2 = acts[m].view(-1, N_LAYERS, D_MLP).permute(1, 2, 0)[:, :, mask]
                 if baseline:
-                    a2 = torch.stack([rot[l].float() @ a2[l].float() for l in range(N_LAYERS)])
+                    a2 = torch.stack([rot[layer].float() @ a2[layer].float() for layer in range(N_LAYERS)])
                 for l1 in range(N_LAYERS):
                     x = a1[l1].float()
                     for l2 in range(N_LAYERS):
@@ -152,6 +160,7 @@ def timed_correlate(source, device, precision) -> tuple[float, float]:
 def bf16_error(device, tokens=16384) -> float:
     """Max |rho_bf16 - rho_fp64| over all pairs' full matrices, on `tokens` tokens."""
     import tempfile
+
     import h5py
     src = Synthetic(tokens, device, seed=1)
     with tempfile.TemporaryDirectory() as d:
@@ -185,7 +194,7 @@ def all_pairs(src, device, repeats: int) -> None:
         t = time.perf_counter()
         for r in range(N_MODELS):
             order = [r] + [i for i in range(N_MODELS) if i != r]
-            correlate(_Reordered(src, order), [LAYOUTS[i] for i in order], cfg)
+            correlate(Reordered(src, order), [LAYOUTS[i] for i in order], cfg)
         _sync(device)
         loop.append(time.perf_counter() - t)
         print(f"[all pairs, fp32] one pass {one[-1]:.2f} s; one correlate per reference {loop[-1]:.2f} s")
@@ -238,7 +247,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200_000, help="tokens, masked-out ones included (default 200000)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every contestant (default 3)")
-    p.add_argument("--all-pairs", action="store_true", help="also time all-pairs mode (one pass vs one run per reference)")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="also time all-pairs mode (one pass vs one run per reference)")
     p.add_argument("--skip-reference", action="store_true", help="skip the slow reference algorithm")
     p.add_argument("--memprobe", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -280,7 +290,8 @@ def main() -> None:
             t_stream, t = timed_correlate(src, device, precision)
             stream[precision].append(t_stream)
             secs[precision].append(t)
-            print(f"round {r + 1} [{precision}] bare torch.mm of the engine's shapes {bare[precision][-1]:.1f} GFLOP/s; "
+            print(f"round {r + 1} [{precision}] bare torch.mm of the engine's shapes "
+                  f"{bare[precision][-1]:.1f} GFLOP/s; "
                   f"correlate {t:.2f} s ({t_stream:.2f} s streaming + {t - t_stream:.2f} s finish), "
                   f"{n_tok / t:,.0f} tokens/s")
         if not args.skip_reference:

@@ -58,9 +58,9 @@ def test_rotation_identity_equals_explicit_rotation():
     R = rotation_matrices("m", L, d, seed=0)
     xc, yc = x - x.mean(0), y - y.mean(0)
     C = torch.from_numpy(xc.T @ yc)
-    sigma = torch.stack([torch.from_numpy(yc[:, l * d:(l + 1) * d].T @ yc[:, l * d:(l + 1) * d]) for l in range(L)])
+    sigma = torch.stack([torch.from_numpy(yc[:, k * d:(k + 1) * d].T @ yc[:, k * d:(k + 1) * d]) for k in range(L)])
     # explicit: u = R y per layer
-    u = np.concatenate([y[:, l * d:(l + 1) * d] @ R[l].numpy().T for l in range(L)], axis=1)
+    u = np.concatenate([y[:, k * d:(k + 1) * d] @ R[k].numpy().T for k in range(L)], axis=1)
     uc = u - u.mean(0)
     np.testing.assert_allclose(rotate_comoments(C, R).numpy(), xc.T @ uc, atol=1e-9)
     np.testing.assert_allclose(rotated_comoment_diag(sigma, R).numpy(), (uc ** 2).sum(0), rtol=1e-10)

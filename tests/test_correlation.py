@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from universal_neurons.errors import UniversalNeuronsError
-from universal_neurons.runtime import from_json, set_progress
 from universal_neurons.baselines import rotation_matrices
 from universal_neurons.correlation import (
     CorrelationConfig,
@@ -18,6 +16,8 @@ from universal_neurons.correlation import (
     correlate_all_pairs,
     preflight,
 )
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.runtime import from_json, set_progress
 
 set_progress(False)
 
@@ -107,7 +107,7 @@ def test_planted_permutation_found_and_rotation_baseline_low():
 def _rotation_direct(x, y, mask, lay, seed):
     R = rotation_matrices(lay.label, lay.n_layers, lay.d_mlp, seed=seed).numpy()
     d = lay.d_mlp
-    u = np.concatenate([y.astype(np.float64)[:, l * d:(l + 1) * d] @ R[l].T for l in range(lay.n_layers)], 1)
+    u = np.concatenate([y.astype(np.float64)[:, k * d:(k + 1) * d] @ R[k].T for k in range(lay.n_layers)], 1)
     return _numpy_corr(x, u, mask)
 
 
@@ -238,7 +238,7 @@ def test_save_load_roundtrip_with_provenance(tmp_path):
         prov = from_json(f.attrs["provenance"])
     assert prov["artefact"] == "correlation" and prov["token_set_hash"] == "abc"
     assert prov["config"]["baseline"] == "rotation" and "device" in prov and "versions" in prov
-    with pytest.raises(UniversalNeuronsError, match="already exists; pass overwrite=True"):
+    with pytest.raises(UniversalNeuronsError, match=r"already exists; pass --overwrite \(overwrite=True"):
         r.save(tmp_path / "c.h5")
     r.save(tmp_path / "c.h5", overwrite=True)
 
@@ -279,21 +279,23 @@ def test_all_pairs_one_pass_equals_one_correlate_per_reference(precision):
             np.testing.assert_array_equal(got.partner, one.partner)
             np.testing.assert_allclose(got.mean[lay.label], one.mean[lay.label], rtol=1e-12)
     # independent check: numpy for the pair (c, a), which the triangle stores transposed
-    np.testing.assert_allclose(res["c"].max_corr[0], _numpy_corr(z, x, mask).max(1), atol=1e-5 if precision == "fp32" else 2e-2)
+    np.testing.assert_allclose(res["c"].max_corr[0], _numpy_corr(z, x, mask).max(1),
+                               atol=1e-5 if precision == "fp32" else 2e-2)
 
 
 def test_all_pairs_falls_back_to_one_run_per_reference():
     rng = np.random.default_rng(13)
     x, y = _data("gaussian", rng)
     mask = np.ones(2000, bool)
-    for cfg in (CorrelationConfig(baseline="gaussian"), CorrelationConfig(memory_budget=100_000)):  # 2 blocks per reference
+    # the gaussian baseline, and 2 blocks per reference
+    for cfg in (CorrelationConfig(baseline="gaussian"), CorrelationConfig(memory_budget=100_000)):
         res = correlate_all_pairs(_source([x, y], mask), [A, B], cfg)
         assert res["a"].provenance["all_pairs"] == "one correlate run per reference"
         np.testing.assert_allclose(res["b"].max_corr[0], _numpy_corr(y, x, mask).max(1), atol=1e-5)
 
 
 def test_all_pairs_preflight_counts_the_triangle():
-    from universal_neurons.all_pairs import preflight_all_pairs
+    from universal_neurons.correlation import preflight_all_pairs
 
     lays = [A, B, ModelLayout("c", 2, 24)]  # 48 neurons each
     one = preflight_all_pairs(lays, 1000, CorrelationConfig())
@@ -301,7 +303,8 @@ def test_all_pairs_preflight_counts_the_triangle():
     assert one["gemm_flops"] == 2.0 * 1000 * (3 * 48 * 48 + sigma) and one["passes"] == 1
     assert "one pass" in one["summary"]
     loop = preflight_all_pairs(lays, 1000, CorrelationConfig(baseline="gaussian"))
-    assert loop["passes"] == 3 and loop["gemm_flops"] == 3 * preflight(lays, 1000, CorrelationConfig(baseline="gaussian"))["gemm_flops"]
+    single = preflight(lays, 1000, CorrelationConfig(baseline="gaussian"))
+    assert loop["passes"] == 3 and loop["gemm_flops"] == 3 * single["gemm_flops"]
 
 
 def _ok(n=10):

@@ -9,13 +9,31 @@ import pytest
 import scipy.stats as st
 import torch
 
-from universal_neurons.activations import (StoreConfig, TokenSetConfig, UniversalNeuronsError, build_token_set, cache_activations,
-                         hook_name, load_model, mlp_activations, mlp_weights)
-from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
-from universal_neurons import (PropertiesConfig, StreamingMoments, activation_moments, classify_families, compare_universal,
-                       join_universality, load_properties, load_universality_table, properties_stage,
-                       weight_properties)
+from universal_neurons import (
+    PropertiesConfig,
+    StreamingMoments,
+    activation_moments,
+    classify_families,
+    compare_universal,
+    join_universality,
+    load_properties,
+    load_universality_table,
+    properties_stage,
+    weight_properties,
+)
+from universal_neurons.activations import (
+    StoreConfig,
+    TokenSetConfig,
+    UniversalNeuronsError,
+    build_token_set,
+    cache_activations,
+    hook_name,
+    load_model,
+    mlp_activations,
+    mlp_weights,
+)
+from universal_neurons.cli.main import main as cli
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
 TEXT = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
@@ -67,18 +85,19 @@ def test_live_moments_match_scipy_on_tiny_model(lm, token_set):
     df = activation_moments(lm, token_set=token_set, batch_rows=batch_rows)
     assert len(df) == lm.n_layers * lm.d_mlp and df.attrs["moments"]["n_tokens"] == token_set.n_counted
     # reference: the same forward batches from mlp_activations, concatenated, mask applied, scipy
-    acts = {h: [] for h in (hook_name(l, k) for l in range(lm.n_layers) for k in ("pre", "post"))}
+    acts = {h: [] for h in (hook_name(layer, k) for layer in range(lm.n_layers) for k in ("pre", "post"))}
     for ids, _ in token_set.batches(batch_rows):
         for h, a in mlp_activations(lm, torch.from_numpy(ids).long(), kinds=("pre", "post")).items():
             acts[h].append(a.reshape(-1, lm.d_mlp).numpy())
     mask = token_set.mask.reshape(-1)
-    for l in range(lm.n_layers):
-        rows = df["layer"] == l
+    for layer in range(lm.n_layers):
+        rows = df["layer"] == layer
         for k in ("pre", "post"):
-            x = np.concatenate(acts[hook_name(l, k)])[mask]
+            x = np.concatenate(acts[hook_name(layer, k)])[mask]
             ref = _scipy_moments(x)
             for stat in ("mean", "var", "skew", "kurt"):
-                np.testing.assert_allclose(df.loc[rows, f"{k}_{stat}"], ref[stat], rtol=RTOL, err_msg=f"{l} {k}_{stat}")
+                np.testing.assert_allclose(df.loc[rows, f"{k}_{stat}"], ref[stat], rtol=RTOL,
+                                           err_msg=f"{layer} {k}_{stat}")
             if k == "pre":
                 np.testing.assert_array_equal(df.loc[rows, "activation_frequency"], (x > 0).sum(0) / len(x))
 

@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 import torch
 
-from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.errors import IncompatibleInputsError
 
 __all__ = [
     "BASELINES",
@@ -53,7 +53,15 @@ def _label_key(label: str) -> int:
 
 
 def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from `seed` and integer `keys` (numpy SeedSequence)."""
+    """A 63-bit seed derived from `seed` and integer `keys` (numpy SeedSequence).
+
+    Args:
+        seed: the recorded seed.
+        *keys: integers that tell the streams apart (kind, model label, layer or batch).
+
+    Returns:
+        A non-negative int below 2**63.
+    """
     ss = np.random.SeedSequence([int(seed), *(int(k) for k in keys)])
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
@@ -64,9 +72,12 @@ def haar_orthogonal(d: int, *, seed: int) -> torch.Tensor:
     QR of a standard Gaussian matrix, then columns of Q multiplied by
     sign(diag(R)): without the sign fix, Q is not Haar (Mezzadri 2007).
 
-    **Arguments:** `d`: size; `seed`: the generator's seed.
+    Args:
+        d: size.
+        seed: the generator's seed.
 
-    **Returns:** float64 tensor `[d, d]` with Q Q^T = I.
+    Returns:
+        float64 tensor `[d, d]` with Q Q^T = I.
     """
     g = torch.from_numpy(np.random.default_rng(seed).standard_normal((d, d)))
     # LAPACK's Householder QR (geqrf, then orgqr for Q), as numpy.linalg.qr does; torch's
@@ -81,7 +92,14 @@ def haar_orthogonal(d: int, *, seed: int) -> torch.Tensor:
 def rotation_matrices(label: str, n_layers: int, d_mlp: int, *, seed: int) -> torch.Tensor:
     """One Haar rotation per layer of model `label`, each from its own derived stream.
 
-    **Returns:** float64 tensor `[layer, d_mlp, d_mlp]`.
+    Args:
+        label: the model's label (keys its streams).
+        n_layers: layers of the model.
+        d_mlp: neurons per layer.
+        seed: the run's baseline seed.
+
+    Returns:
+        float64 tensor `[layer, d_mlp, d_mlp]`.
     """
     return torch.stack([
         haar_orthogonal(d_mlp, seed=derive_seed(seed, _ROTATION, _label_key(label), layer))
@@ -99,8 +117,17 @@ def gaussian_units(n_tokens: int, n_units: int, *, seed: int, label: str, batch_
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal units for one batch of model `label` (the gaussian baseline).
 
-    **Returns:** float32 tensor `[token, unit]`; the same arguments give the same
-    numbers on the same device type.
+    Args:
+        n_tokens: masked-in tokens of the batch.
+        n_units: units (the model's neurons).
+        seed: the run's baseline seed.
+        label: the model's label.
+        batch_index: the batch's global index.
+        device: where to draw them.
+
+    Returns:
+        float32 tensor `[token, unit]`; the same arguments give the same numbers on the
+        same device type.
     """
     device = torch.device(device)
     g = _generator(device, derive_seed(seed, _GAUSSIAN, _label_key(label), batch_index))
@@ -111,7 +138,15 @@ def token_permutation(n_tokens: int, *, seed: int, label: str, batch_index: int,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """A seeded shuffle of the `n_tokens` masked-in positions of one batch of model `label`.
 
-    **Returns:** int64 tensor `[token]`, a permutation of 0..n_tokens-1.
+    Args:
+        n_tokens: masked-in tokens of the batch.
+        seed: the run's baseline seed.
+        label: the model's label.
+        batch_index: the batch's global index.
+        device: where to draw it.
+
+    Returns:
+        int64 tensor `[token]`, a permutation of 0..n_tokens-1.
     """
     device = torch.device(device)
     g = _generator(device, derive_seed(seed, _PERMUTATION, _label_key(label), batch_index))
@@ -121,14 +156,19 @@ def token_permutation(n_tokens: int, *, seed: int, label: str, batch_index: int,
 def rotate_comoments(comoments: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Cross co-moments with the rotated units: C[:, layer] R_layer^T for every layer.
 
-    **Arguments:** `comoments`: `[neuron_a, layer*d_mlp]`, sums of (x - mean)(y - mean);
-    `rotations`: `[layer, d_mlp, d_mlp]`.
+    Args:
+        comoments: `[neuron_a, layer*d_mlp]`, sums of (x - mean)(y - mean).
+        rotations: `[layer, d_mlp, d_mlp]`.
 
-    **Returns:** `[neuron_a, layer*d_mlp]`, the co-moments of x with (R y).
+    Returns:
+        `[neuron_a, layer*d_mlp]`, the co-moments of x with (R y).
+
+    Raises:
+        IncompatibleInputsError: the rotations belong to a model of another width.
     """
     n_layers, d, _ = rotations.shape
     if comoments.shape[1] != n_layers * d:
-        raise UniversalNeuronsError(
+        raise IncompatibleInputsError(
             f"co-moments have {comoments.shape[1]} columns but the rotations cover "
             f"{n_layers} x {d}; pass the rotations of the same model")
     c = comoments.reshape(comoments.shape[0], n_layers, d).transpose(0, 1)  # [layer, i, d]
@@ -139,10 +179,12 @@ def rotate_comoments(comoments: torch.Tensor, rotations: torch.Tensor) -> torch.
 def rotated_comoment_diag(sigma: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Second moments of the rotated units: diag(R Σ R^T) per layer.
 
-    **Arguments:** `sigma`: `[layer, d_mlp, d_mlp]` within-layer co-moment matrices of m;
-    `rotations`: `[layer, d_mlp, d_mlp]`.
+    Args:
+        sigma: `[layer, d_mlp, d_mlp]` within-layer co-moment matrices of m.
+        rotations: `[layer, d_mlp, d_mlp]`.
 
-    **Returns:** `[layer*d_mlp]`.
+    Returns:
+        `[layer*d_mlp]`.
     """
     r = rotations.to(sigma.dtype)
     return (torch.bmm(r, sigma) * r).sum(-1).reshape(-1)
