@@ -13,8 +13,8 @@ import lzma
 import pytest
 from tokenizers import Tokenizer
 
-from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.demo_data import DEMO_DATA_DIR, demo_documents, demo_tokenizer
+from universal_neurons.errors import UniversalNeuronsError
 
 SOURCES = {"sotu", "moby_dick", "austen", "web_bible"}
 EOT = "<|endoftext|>"

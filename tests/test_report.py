@@ -14,13 +14,18 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from universal_neurons.activations import TokenSetConfig
-from universal_neurons.errors import UniversalNeuronsError
-from universal_neurons.cli.main import main as cli
 from tests._report_fixtures import write_synthetic_stages
 from tests.conftest import SAMPLE_TEXT
-from universal_neurons.figures import (fig_corr_distributions, fig_excess_distribution, fig_max_corr_vs_baseline,
-                                      fig_pair_correlations, fig_universal_fraction)
+from universal_neurons.activations import TokenSetConfig
+from universal_neurons.cli.main import main as cli
+from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.figures import (
+    fig_corr_distributions,
+    fig_excess_distribution,
+    fig_max_corr_vs_baseline,
+    fig_pair_correlations,
+    fig_universal_fraction,
+)
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
 from universal_neurons.report import Report, report_stage
 

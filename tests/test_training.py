@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from universal_neurons.activations import GPT2Config, TokenSetConfig, build_token_set, list_checkpoints, load_model
-from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.demo import unigram_entropy
 from universal_neurons.demo_data import demo_documents, demo_tokenizer
+from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.training import TrainConfig, log_spaced_steps, train_family, train_seed
 
 N_CTX = 64

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from universal_neurons.correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
 from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.runtime import set_progress
-from universal_neurons.correlation import CorrelationConfig, CorrelationResult, ModelLayout, correlate
 from universal_neurons.universality import (
     PAPER_COLUMNS,
     flag_universal,

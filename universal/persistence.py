@@ -37,8 +37,13 @@ import pandas as pd
 
 from universal_neurons.activations import list_checkpoints
 from universal_neurons.artifacts import atomic_path, exists_message, read_json, write_json
-from universal_neurons.errors import (ConfigError, IncompatibleInputsError, InputError, InputNotFoundError,
-                                      OutputExistsError)
+from universal_neurons.errors import (
+    ConfigError,
+    IncompatibleInputsError,
+    InputError,
+    InputNotFoundError,
+    OutputExistsError,
+)
 from universal_neurons.runtime import provenance_base
 
 from .pipeline import PipelineConfig, run_pipeline

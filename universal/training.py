@@ -212,7 +212,7 @@ def train_seed(
             f"{len(rows)} ({len(rows) * cfg.model.n_ctx:,} tokens); lower n_tokens or add text"
         )
     n_val = max(1, cfg.eval_tokens // cfg.model.n_ctx)
-    val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int64)[:n_val]).to(dev)
+    val_batch = torch.from_numpy(np.asarray(val_rows, dtype=np.int64)[:n_val]).to(dev)  # [row, pos]
     order = np.random.default_rng(seed).permutation(len(rows))[:need]  # data order is part of the seed
     steps = cfg.checkpoint_steps()
 
@@ -236,7 +236,7 @@ def train_seed(
     model.train()
 
     def checkpoint(step: int, train_loss: float | None) -> None:
-        val = _evaluate(model, val_rows, cfg.batch_rows, cfg.bf16)
+        val = _evaluate(model, val_batch, cfg.batch_rows, cfg.bf16)
         rec = {
             "name": name or seed_dir.name,
             "seed": seed,

@@ -13,8 +13,13 @@ from .ablation import fig_ablation
 from .common import live_neurons, other_labels
 from .persistence import fig_emergence, fig_partner_consistency, fig_persistence, fig_persistence_by_layer
 from .properties import PROPERTY_COLUMNS, fig_property_comparison, fig_property_effects
-from .universality import (fig_corr_distributions, fig_excess_distribution, fig_max_corr_vs_baseline,
-                           fig_pair_correlations, fig_universal_fraction)
+from .universality import (
+                           fig_corr_distributions,
+                           fig_excess_distribution,
+                           fig_max_corr_vs_baseline,
+                           fig_pair_correlations,
+                           fig_universal_fraction,
+)
 
 __all__ = [
     "PROPERTY_COLUMNS",

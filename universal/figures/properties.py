@@ -12,8 +12,7 @@ from plotly.subplots import make_subplots
 
 from universal_neurons.errors import InputError
 
-from .common import (BASELINE_COLOR, OTHER_COLOR, UNIVERSAL_COLOR, finish, need_columns, quantile_box,
-                     quantiles)
+from .common import BASELINE_COLOR, OTHER_COLOR, UNIVERSAL_COLOR, finish, need_columns, quantile_box, quantiles
 
 __all__ = ["PROPERTY_COLUMNS", "fig_property_comparison", "fig_property_effects"]
 

@@ -9,8 +9,18 @@ import plotly.graph_objects as go
 
 from universal_neurons.errors import InputError
 
-from .common import (BASELINE_COLOR, OTHER_COLOR, UNIVERSAL_COLOR, finish, live_neurons, need_columns, other_labels,
-                     quantile_box, quantiles, threshold_of)
+from .common import (
+    BASELINE_COLOR,
+    OTHER_COLOR,
+    UNIVERSAL_COLOR,
+    finish,
+    live_neurons,
+    need_columns,
+    other_labels,
+    quantile_box,
+    quantiles,
+    threshold_of,
+)
 
 __all__ = [
     "fig_max_corr_vs_baseline",

@@ -186,18 +186,18 @@ class Report:
         return Path(path)
 
 
-def report_stage(res) -> dict[str, Any]:
+def report_stage(result) -> dict[str, Any]:
     """A `run_pipeline` stage: write `out_dir/report.html` from the run so far (put it last in
     `extra_stages`). The report is derived from the run directory's own outputs, so it is
     rewritten each time the pipeline runs, like the universality table.
 
     Args:
-        res: the `PipelineResult` so far.
+        result: the `PipelineResult` so far.
 
     Returns:
         `{"report": path}`, added to the summary.
     """
-    path = Path(res.out_dir) / "report.html"
-    Report.from_run(res.out_dir, summary=res.summary).save(path, overwrite=True)
+    path = Path(result.out_dir) / "report.html"
+    Report.from_run(result.out_dir, summary=result.summary).save(path, overwrite=True)
     log.info("report -> %s", path)
     return {"report": str(path)}

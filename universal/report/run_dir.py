@@ -88,7 +88,9 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     table = load_universality_table(table_path)
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
     # universal_neurons.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
-    ablation_info = summary.get("ablation") if isinstance(summary.get("ablation"), dict) else {}
+    ablation_info = summary.get("ablation")
+    if not isinstance(ablation_info, dict):
+        ablation_info = {}
     # the stage records its directory as it was given (maybe relative to another working
     # directory, or None when skipped): look for it by name inside this run directory
     recorded = Path(ablation_info.get("dir") or "ablation")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -17,10 +19,22 @@ import plotly.graph_objects as go
 
 from universal_neurons.errors import UniversalNeuronsError
 
-from ..figures import (fig_ablation, fig_corr_distributions, fig_emergence, fig_excess_distribution,
-                       fig_max_corr_vs_baseline, fig_pair_correlations, fig_partner_consistency, fig_persistence,
-                       fig_persistence_by_layer, fig_property_comparison, fig_property_effects,
-                       fig_universal_fraction, live_neurons, other_labels)
+from ..figures import (
+    fig_ablation,
+    fig_corr_distributions,
+    fig_emergence,
+    fig_excess_distribution,
+    fig_max_corr_vs_baseline,
+    fig_pair_correlations,
+    fig_partner_consistency,
+    fig_persistence,
+    fig_persistence_by_layer,
+    fig_property_comparison,
+    fig_property_effects,
+    fig_universal_fraction,
+    live_neurons,
+    other_labels,
+)
 from .markup import escape, key_value_table, sortable_table, stage_table
 
 __all__ = ["MAX_TABLE_ROWS", "ReportSection", "build_sections", "headline_cards", "report_title"]
@@ -194,9 +208,10 @@ def _persistence_figures(persistence: dict[str, pd.DataFrame], emergence: pd.Dat
                          figs: dict[str, go.Figure]) -> list[str]:
     """Draw the persistence figures whose tables are present into `figs`; return their names."""
     names = []
-    builders = [("overall", "persistence", fig_persistence),
-                ("per_layer", "persistence_by_layer", fig_persistence_by_layer),
-                ("partner_consistency", "partner_consistency", fig_partner_consistency)]
+    builders: list[tuple[str, str, Callable[[pd.DataFrame], go.Figure]]] = [
+        ("overall", "persistence", fig_persistence),
+        ("per_layer", "persistence_by_layer", fig_persistence_by_layer),
+        ("partner_consistency", "partner_consistency", fig_partner_consistency)]
     for key, name, draw in builders:
         df = persistence.get(key)
         if df is None:
@@ -215,7 +230,7 @@ def _persistence_figures(persistence: dict[str, pd.DataFrame], emergence: pd.Dat
     return names
 
 
-def report_title(summary: dict, run_dir: str | Path | None) -> str:
+def report_title(summary: dict, run_dir: str | os.PathLike | None) -> str:
     """"Universal neurons · <family>", the family named after the reference model without its
     seed suffix (or after the run directory)."""
     models = summary.get("inputs", {}).get("models", [])
