@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from universal_neurons.artifacts import exists_message
-from universal_neurons.errors import OutputExistsError, UniversalNeuronsError
+from universal_neurons.errors import CorruptFileError, OutputExistsError, UniversalNeuronsError
 from universal_neurons.config import Config
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
 from .models import LoadedModel, hook_name, mlp_activations, parse_hook_name
@@ -44,6 +44,8 @@ __all__ = [
     "AlignedSource",
     "LiveSource",
     "store_filename",
+    "CheckedDataset",
+    "after_batch",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class StoreConfig(Config):
     dtype: str = "float16"  # halves the disk; |x| must stay <= 65504 (checked). 'float32' for exact values
     compression: str | None = None  # None (fastest reads), 'gzip' or 'lzf'
     layers: tuple[int, ...] | None = None  # None = every layer
+    checksum: bool = True  # Fletcher-32 per chunk: a corrupted chunk is an error when read, not a wrong number
 
     def __post_init__(self) -> None:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
@@ -241,23 +244,27 @@ def _create(path: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfi
                 if config.compression is None:  # all chunks allocated now: later writes touch no metadata,
                     kwargs.pop("compression")  # so a killed writer leaves a readable file
                     dcpl.set_chunk((chunk, d))
+                    if config.checksum:
+                        dcpl.set_fletcher32()
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
                     space = h5py.h5s.create_simple((n, d))
                     dsid = h5py.h5d.create(f.id, hook_name(l, k).encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
                     ds = h5py.Dataset(dsid)
                 else:
-                    ds = f.create_dataset(hook_name(l, k), shape=(n, d), dtype=dtype, **kwargs)
+                    ds = f.create_dataset(hook_name(l, k), shape=(n, d), dtype=dtype, fletcher32=config.checksum,
+                                          **kwargs)
                 ds.dims[0].label, ds.dims[1].label = "token", "neuron"
                 ds.attrs.update({"layer": l, "kind": k})
         for name, arr in (("token_ids", token_set.ids), ("mask", token_set.mask), ("doc_index", token_set.doc_index)):
-            f.create_dataset(name, data=arr.reshape(-1)).dims[0].label = "token"
+            f.create_dataset(name, data=arr.reshape(-1), fletcher32=config.checksum).dims[0].label = "token"
         f.attrs.update(token_set.attrs())
         f.attrs.update({
             "kind": _KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(provenance_base(_KIND)),
             "model": to_json(lm.provenance), "store_config": to_json(config.to_dict()), "layers": layers,
             "n_layers": len(layers), "d_mlp": d, "ctx_len": token_set.ctx_len, "n_rows": token_set.n_rows,
             "n_tokens": n, "dims": ["token", "neuron"], "complete_rows": 0,
+            "checksum": "fletcher32" if config.checksum else "none",
         })
 
 
@@ -395,6 +402,49 @@ def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progr
 # ---------------------------------------------------------------------------- reading
 
 
+@contextlib.contextmanager
+def _checked_read(path: Path, what: str) -> Iterator[None]:
+    """Turn HDF5's read failure of a chunk (its Fletcher-32 checksum does not match, or the
+    bytes cannot be decoded) into a `CorruptFileError` that names the file."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, UniversalNeuronsError):
+            raise
+        raise CorruptFileError(
+            f"{path}: reading {what} failed ({e}); the file is corrupted (a checksum does not match its data). "
+            "Cache these activations again (`universal-neurons cache ... --overwrite`)") from e
+
+
+class CheckedDataset:
+    """An h5py dataset of a store whose reads raise `CorruptFileError` on a bad chunk.
+
+    Slicing (`ds[a:b]`), `read_direct` and `np.asarray(ds)` are checked; every other attribute
+    (`shape`, `dtype`, `chunks`, `attrs`, `dims`, ...) is the dataset's own.
+    """
+
+    def __init__(self, dataset, path: Path) -> None:
+        self._ds, self._path = dataset, path
+
+    def __getitem__(self, selection):
+        with _checked_read(self._path, self._ds.name):
+            return self._ds[selection]
+
+    def read_direct(self, *args, **kwargs) -> None:
+        with _checked_read(self._path, self._ds.name):
+            self._ds.read_direct(*args, **kwargs)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[()]
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ds, name)
+
+
 class ActivationStore:
     """A finished activation store, read lazily.
 
@@ -463,7 +513,7 @@ class ActivationStore:
     def __getitem__(self, hook: str):
         if hook not in self.hooks:
             raise UniversalNeuronsError(f"{self.path} has no {hook!r}; it holds {self.hooks}")
-        return self._f[hook]
+        return CheckedDataset(self._f[hook], self.path)
 
     def __contains__(self, hook: str) -> bool:
         return hook in self.hooks
@@ -477,16 +527,16 @@ class ActivationStore:
     @property
     def token_ids(self) -> np.ndarray:
         """`Int[ndarray, "token"]` int32, the ids every activation row belongs to."""
-        return self._f["token_ids"][()]
+        return CheckedDataset(self._f["token_ids"], self.path)[()]
 
     @property
     def mask(self) -> np.ndarray:
         """`Bool[ndarray, "token"]`, True = counted by statistics."""
-        return self._f["mask"][()].astype(bool)
+        return CheckedDataset(self._f["mask"], self.path)[()].astype(bool)
 
     @property
     def doc_index(self) -> np.ndarray:
-        return self._f["doc_index"][()]
+        return CheckedDataset(self._f["doc_index"], self.path)[()]
 
     @property
     def chunk_tokens(self) -> int:

@@ -28,7 +28,15 @@ import torch
 
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 
-from universal_neurons.activations import GPT2Config, init_gpt2, load_model, mlp_activations, save_model_dir  # noqa: E402
+from universal_neurons.activations import (  # noqa: E402
+    ActivationStore,
+    GPT2Config,
+    init_gpt2,
+    load_model,
+    mlp_activations,
+    save_model_dir,
+)
+from universal_neurons.activations import store as store_module  # noqa: E402
 from universal_neurons.activations.store import StoreConfig, cache_activations  # noqa: E402
 from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, tokenizer_info  # noqa: E402
 
@@ -106,8 +114,8 @@ def child_memory(model_dir: str, rows: int, batch_rows: int, dtype: str, device:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     after_batch: list[float] = []
-    cache_activations(lm, ts, out, config=StoreConfig(dtype=dtype), batch_rows=batch_rows, overwrite=True,
-                      _after_batch=lambda _: after_batch.append(_rss_mib()))
+    store_module.after_batch = lambda _: after_batch.append(_rss_mib())
+    cache_activations(lm, ts, out, config=StoreConfig(dtype=dtype), batch_rows=batch_rows, overwrite=True)
     done.set()
     th.join()
     q = max(1, len(after_batch) // 4)  # resident memory after each batch: last quarter vs first quarter
@@ -149,7 +157,19 @@ def main() -> None:
             cache_activations(lm, ts, root / "bench.h5", config=StoreConfig(dtype=a.dtype), batch_rows=a.batch_rows,
                               overwrite=True)
 
-        t_bare, t_acts, t_cache = _best_times([bare, acts_only, cache], a.repeats)
+        def cache_unchecked():
+            cache_activations(lm, ts, root / "bench-nosum.h5", config=StoreConfig(dtype=a.dtype, checksum=False),
+                              batch_rows=a.batch_rows, overwrite=True)
+
+        def read(name):
+            def run():
+                with ActivationStore.open(root / name) as st:
+                    for h in st.hooks:
+                        st[h][:]
+            return run
+
+        t_bare, t_acts, t_cache, t_nosum = _best_times([bare, acts_only, cache, cache_unchecked], a.repeats)
+        t_read, t_read_nosum = _best_times([read("bench.h5"), read("bench-nosum.h5")], a.repeats)
         mem = []
         for rows in sorted(a.rows):
             cmd = [sys.executable, __file__, "--batch-rows", str(a.batch_rows), "--dtype", a.dtype, "--device",
@@ -162,6 +182,10 @@ def main() -> None:
     print(f"caching throughput            {n / t_cache:12,.0f} tokens/s")
     print(f"bare forward (with unembed)   {n / t_bare:12,.0f} tokens/s")
     print(f"activation forward, no disk   {n / t_acts:12,.0f} tokens/s")
+    print(f"caching without checksums     {n / t_nosum:12,.0f} tokens/s")
+    print(f"Fletcher-32 cost, caching     {t_cache / t_nosum:12.3f} x   (with / without checksums)")
+    print(f"Fletcher-32 cost, reading     {t_read / t_read_nosum:12.3f} x   (whole store, with / without; "
+          f"{n / t_read:,.0f} tokens/s checked)")
     r1, r2 = t_cache / t_bare, t_cache / t_acts
     print(f"caching / bare forward        {r1:12.3f} x   (target <= 1.15: {r1 / 1.15:.2f} of target)")
     print(f"caching / activation forward  {r2:12.3f} x   (target <= 1.15: {r2 / 1.15:.2f} of target)")

@@ -104,6 +104,7 @@ NOT_FLAGS: dict[str, str] = {
     "CorrelationConfig.device": "the command's --device",
     "CorrelationConfig.dead_var": "0 (a neuron is dead when constant); the Python API changes it",
     "CorrelationConfig.full_matrix_dtype": "float16 halves the file; the Python API changes it",
+    "StoreConfig.checksum": "always on from the command line (its cost is measured in benchmarks/bench_caching.py)",
     "StoreConfig.layers": "every layer is cached; the Python API selects layers",
     "PipelineConfig.tokens": "its own flags (TokenSetConfig)",
     "PipelineConfig.store": "its own flags (StoreConfig)",

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConfigError,
+    CorruptFileError,
     IncompatibleInputsError,
     InputError,
     InputNotFoundError,
@@ -68,6 +69,7 @@ __all__ = [
     "OutputExistsError",
     "IncompatibleInputsError",
     "ModelUnavailableError",
+    "CorruptFileError",
     *_EXPORTS,
 ]
 

@@ -15,6 +15,7 @@ __all__ = [
     "OutputExistsError",
     "IncompatibleInputsError",
     "ModelUnavailableError",
+    "CorruptFileError",
 ]
 
 
@@ -46,3 +47,8 @@ class IncompatibleInputsError(UniversalNeuronsError, ValueError):
 
 class ModelUnavailableError(UniversalNeuronsError, OSError):
     """A model or checkpoint cannot be loaded here (hub unreachable, weights not cached)."""
+
+
+class CorruptFileError(UniversalNeuronsError, OSError):
+    """A file's stored checksum does not match its data (bit rot, a bad copy, a truncated
+    write): its numbers cannot be trusted. The message names the file and what to redo."""
