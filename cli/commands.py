@@ -16,6 +16,7 @@ TOKEN_FLAGS = (
     Flag("seed", "--seed", "seed of the row sample"),
     Flag("exclude_newlines", "--keep-newlines", "do not mask newline tokens", negate=True),
     Flag("text_field", "--text-field", "field of .jsonl records"),
+    Flag("hf_split", "--hf-split", "split of an hf:<dataset> source"),
 )
 PIPELINE_FLAGS = (
     Flag("threshold", "--threshold", "universal iff excess_corr > threshold"),
@@ -55,8 +56,14 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stdout, flush=True)
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.split(",") if x.strip())
+def _ints(s: str, flag: str) -> tuple[int, ...]:
+    """A comma-separated list of integers given to `flag`; a clear error otherwise."""
+    from universal_neurons.errors import ConfigError
+
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers (e.g. 0,1,2), got {s!r}") from None
 
 
 # The config classes are imported inside the functions: a subcommand's options are built only
@@ -177,6 +184,8 @@ def _add_correlate(p):
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--full-matrix", default=None, help="also write the full correlation matrices here (.h5)")
     p.add_argument("--all-pairs", action="store_true", help="every model as the reference in turn (beyond the paper)")
+    p.add_argument("--allow-same-model", action="store_true",
+                   help="accept two stores of the same model and checkpoint (refused by default)")
     p.add_argument("--overwrite", action="store_true")
     _corr_args(p)
     _cluster_arg(p)
@@ -188,7 +197,8 @@ def _correlate(a):
 
     res = correlate_stores(a.stores, a.out, labels=a.labels.split(",") if a.labels else None, config=_corr_config(a),
                            batch_tokens=a.batch_tokens, cluster=a.cluster, all_pairs=a.all_pairs,
-                           full_matrix_path=a.full_matrix, device=a.device, overwrite=a.overwrite, say=_say)
+                           full_matrix_path=a.full_matrix, device=a.device, overwrite=a.overwrite,
+                           allow_same_model=a.allow_same_model, say=_say)
     if a.all_pairs:
         return 0
     if a.cluster:
@@ -259,7 +269,7 @@ def _run(a):
     from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
     cfg = _pipeline_config(a, cluster=a.cluster)
-    stages = _later_stages(a, steps=_ints(a.steps) if a.steps else None, overwrite=a.overwrite)
+    stages = _later_stages(a, steps=_ints(a.steps, "--steps") if a.steps else None, overwrite=a.overwrite)
     res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint, labels=a.labels.split(",") if a.labels else None,
                        config=cfg, overwrite=a.overwrite, extra_stages=stages)
     _print_summary(res.summary)
@@ -323,7 +333,10 @@ def _train(a):
 
     from universal_neurons.demo import DEMO_TRAIN_CONFIG, demo_token_sets, text_stream
     from universal_neurons.demo_data import demo_tokenizer
-    from universal_neurons.training import train_family
+    from universal_neurons.training import check_seeds, train_family
+
+    seeds = _ints(a.seeds, "--seeds")
+    check_seeds(seeds)  # before the text is read or anything is trained
 
     cfg = DEMO_TRAIN_CONFIG
     model_over = {k: v for k, v in {"n_layers": a.layers, "d_model": a.d_model, "d_mlp": a.d_mlp,
@@ -337,7 +350,7 @@ def _train(a):
         tokenizer = demo_tokenizer()
         sets = demo_token_sets(tokenizer, n_ctx=cfg.model.n_ctx)
         train, val = sets["train"].ids, sets["val"].ids
-    results = train_family(train, val, tokenizer, config=cfg, seeds=_ints(a.seeds), family_dir=a.out, device=a.device)
+    results = train_family(train, val, tokenizer, config=cfg, seeds=seeds, family_dir=a.out, device=a.device)
     for r in results:
         _say(f"{r.seed_dir.name} (seed {r.seed}): val loss {r.final['val_loss']:.3f} after {r.final['tokens_seen']:,} "
              f"tokens; checkpoints {[rec['step'] for rec in r.records]}")
@@ -473,7 +486,7 @@ def _persistence(a):
 
     cfg = _pipeline_config(a)
     text = load_token_set(a.text) if a.text.endswith((".h5", ".hdf5")) else a.text
-    res = run_persistence(a.models, _ints(a.steps) if a.steps else None, text, a.out,
+    res = run_persistence(a.models, _ints(a.steps, "--steps") if a.steps else None, text, a.out,
                           labels=a.labels.split(",") if a.labels else None, config=cfg, overwrite=a.overwrite)
     for t, g in res.emergence.groupby("step"):
         per = ", ".join(f"L{r.layer} {r.n_universal}" for r in g.itertuples())

@@ -112,6 +112,13 @@ NOT_FLAGS: dict[str, str] = {
     "PipelineConfig.device": "the command's --device",
     "PipelineConfig.cluster": "the command's --cluster",
     "PropertiesConfig.device": "the command's --device",
+    "PropertiesConfig.prediction_kurtosis": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.partition_quantile": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.entropy_layers": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.entropy_l2_quantile": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.entropy_vocab_var_quantile": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.vocab_dtype": "float32 (1e-7 from float64); the Python API changes it",
+    "PropertiesConfig.vocab_chunk": "memory of the vocabulary GEMM; the Python API changes it",
     "AblationConfig.ci": "95% intervals; the Python API changes the level",
     "AblationConfig.controls_exclude_dead": "dead neurons would make controls look harmless; the Python API changes it",
 }

@@ -119,7 +119,7 @@ def _two_checkpoint_family(root, tokenizer):
 
 def test_run_persistence_on_a_tiny_family_reuses_checkpoint_runs(tmp_path, tokenizer, capsys):
     dirs = _two_checkpoint_family(tmp_path / "family", tokenizer)
-    cfg = PipelineConfig(tokens=TokenSetConfig(ctx_len=32, n_tokens=32 * 16), batch_rows=8, threshold=0.0)
+    cfg = PipelineConfig(tokens=TokenSetConfig(ctx_len=32, n_tokens=32 * 16), batch_rows=8, threshold=0.001)
     out = tmp_path / "run"
     res = run_persistence(dirs, None, TEXT, out, config=cfg)  # steps: every saved checkpoint
     assert res.steps == [0, 10]

@@ -111,7 +111,7 @@ def test_cli_run_writes_every_stage(tmp_path, tokenizer, capsys):
     text.write_text(SAMPLE_TEXT * 4)
     out = tmp_path / "run"
     code = cli(["run", *map(str, fam), "--text", str(text), "-o", str(out), "--ctx-len", "32",
-                "--batch-rows", "8", "--threshold", "0.0", "--steps", "0,10"])
+                "--batch-rows", "8", "--threshold", "0.001", "--steps", "0,10"])
     assert code == 0, capsys.readouterr().err
     for f in ("universality.csv", "properties.csv", "ablation/ablation_summary.csv", "report.html"):
         assert (out / f).exists(), f

@@ -47,9 +47,10 @@ from .correlation import (
 )
 from .distributed import cache_distributed, correlate_distributed, live_shards, using_cluster
 from .training import seed_label
-from .universality import save_universality_table, universality_table
+from .universality import check_threshold, save_universality_table, universality_table
 
-__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "family_summary", "correlate_stores", "correlate_source"]
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "family_summary", "correlate_stores", "correlate_source",
+           "check_distinct_models"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class PipelineConfig(Config):
     process_weights: bool = True  # the paper's weight processing (fold LN, centre weights)
     device: str | None = None  # None = CUDA when present
     cluster: str | None = None  # Dask cluster: "local:N", "tcp://host:port" (docs/distributed.md); None = in-process
+
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
+        if isinstance(self.batch_rows, bool) or not isinstance(self.batch_rows, int) or self.batch_rows < 1:
+            self.fail(f"batch_rows must be a positive integer, got {self.batch_rows!r}; fix --batch-rows")
 
 
 @dataclass
@@ -271,6 +277,28 @@ def correlate_source(source, layouts: Sequence[ModelLayout], out: str | os.PathL
     return result
 
 
+def check_distinct_models(stores: Sequence[str | os.PathLike], models: Sequence[dict[str, Any]], *,
+                          allow_same_model: bool = False) -> None:
+    """Refuse a store given twice (under any name) and, unless `allow_same_model`, two stores
+    of the same model and checkpoint: a model correlated with itself makes every neuron look
+    universal.
+
+    Raises:
+        IncompatibleInputsError: naming the two stores and the fix.
+    """
+    for i in range(len(stores)):
+        for j in range(i):
+            a, b = Path(stores[j]), Path(stores[i])
+            if a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b)):
+                raise IncompatibleInputsError(f"{b} is given twice (also as {a}); list each model's store once")
+            if not allow_same_model and _model_identity(models[i]) == _model_identity(models[j]):
+                raise IncompatibleInputsError(
+                    f"{a} and {b} hold the same model ({models[i].get('name')} at checkpoint "
+                    f"{models[i].get('checkpoint')}): correlating a model with itself makes every neuron look "
+                    "universal. Cache a different seed, or pass --allow-same-model (allow_same_model=True) if "
+                    "this is what you want")
+
+
 def all_pairs_paths(out: str | os.PathLike, labels: Sequence[str]) -> list[Path]:
     """Where `correlate_stores(all_pairs=True)` writes each reference's result: `<out>-ref-<label>.h5`."""
     out = Path(out)
@@ -281,7 +309,7 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
                      labels: Sequence[str] | None = None, config: CorrelationConfig = CorrelationConfig(),
                      batch_tokens: int = 8192, cluster=None, all_pairs: bool = False,
                      full_matrix_path: str | os.PathLike | None = None, provenance: dict[str, Any] | None = None,
-                     device: str | None = None, overwrite: bool = False,
+                     device: str | None = None, overwrite: bool = False, allow_same_model: bool = False,
                      say: Callable[[str], Any] = log.info) -> CorrelationResult | dict[str, CorrelationResult]:
     """Correlate activation stores of one token set (the first is the reference) and save.
 
@@ -300,6 +328,8 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
             token-set hash are always recorded.
         device: where the engine computes (None: CUDA when present).
         overwrite: replace existing outputs.
+        allow_same_model: accept two stores of the same model and checkpoint (a model
+            correlated with itself makes every neuron look universal; refused by default).
         say: where the plan and progress lines go (the CLI prints them).
 
     Returns:
@@ -308,6 +338,8 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
     Raises:
         ConfigError: labels that do not match the stores, an output that is an input,
             `full_matrix_path` with `all_pairs`, or `all_pairs` with a cluster.
+        IncompatibleInputsError: a store given twice, or two stores of the same model and
+            checkpoint without `allow_same_model`.
         OutputExistsError: an output exists and `overwrite` is False (before any work).
     """
     labels = list(labels) if labels else [seed_label(k) for k in range(len(stores))]
@@ -330,6 +362,7 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
         with ActivationStore.open(path) as s:
             layouts.append(ModelLayout(lab, len(s.layers), s.d_mlp))
             models.append(s.model)
+    check_distinct_models(stores, models, allow_same_model=allow_same_model)
     prov = {"models": models, "labels": labels, "stores": [str(Path(s).resolve()) for s in stores],
             **(provenance or {})}
     prov.setdefault("token_set", {"hash": source.token_set_hash})

@@ -26,10 +26,10 @@ import torch
 from universal_neurons.activations.models import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
 from universal_neurons.artifacts import atomic_path, plain, read_json, write_json
 from universal_neurons.config import Config
-from universal_neurons.errors import InputError, OutputExistsError
+from universal_neurons.errors import ConfigError, InputError, OutputExistsError
 from universal_neurons.runtime import package_versions, pick_device, progress
 
-__all__ = ["TrainConfig", "TrainResult", "train_seed", "train_family", "log_spaced_steps", "seed_label"]
+__all__ = ["TrainConfig", "TrainResult", "train_seed", "train_family", "check_seeds", "log_spaced_steps", "seed_label"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,25 @@ def train_seed(
     return TrainResult(seed=seed, seed_dir=seed_dir, records=records)
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Refuse a seed list that cannot make a family: empty, one seed (nothing to compare),
+    repeated seeds (two identical models), or seeds that are not non-negative integers.
+
+    Raises:
+        ConfigError: naming the problem and the `--seeds` fix.
+    """
+    seeds = list(seeds)
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0]
+    if bad:
+        raise ConfigError(f"seeds must be non-negative integers, got {bad}; fix --seeds (e.g. --seeds 0,1,2,3,4)")
+    if len(seeds) < 2:
+        raise ConfigError(f"a seed family needs at least two seeds, got {seeds}; pass e.g. --seeds 0,1,2,3,4")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"seed(s) {repeated} repeated: the same seed trains the same model twice; "
+                          "pass distinct seeds to --seeds")
+
+
 def train_family(
     train_rows: np.ndarray,
     val_rows: np.ndarray,
@@ -307,9 +326,11 @@ def train_family(
         One `TrainResult` per seed, in order.
 
     Raises:
+        ConfigError: no seeds, a repeated seed, or a seed that is not a non-negative integer.
         OutputExistsError: `family_dir` holds a family of another configuration or seeds.
         InputError: see `train_seed`.
     """
+    check_seeds(seeds)
     family_dir = Path(family_dir)
     family_dir.mkdir(parents=True, exist_ok=True)
     manifest = family_dir / "family.json"

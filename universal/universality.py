@@ -28,6 +28,7 @@ from .correlation import CorrelationResult
 __all__ = [
     "UNIVERSAL_THRESHOLD",
     "PAPER_COLUMNS",
+    "check_threshold",
     "flag_universal",
     "universality_table",
     "save_universality_table",
@@ -42,6 +43,19 @@ PAPER_COLUMNS = ["layer", "neuron", "max_corr", "mean_corr", "min_corr", "max_ba
 _TABLE_FORMATS = {".csv": "csv", ".h5": "hdf5", ".hdf5": "hdf5"}
 
 
+def check_threshold(threshold: float) -> None:
+    """Refuse a universality threshold outside (0, 1): at 0 or below, a neuron no better
+    correlated than chance counts as universal; at 1 or above, none can.
+
+    Raises:
+        ConfigError: the threshold is not a number in (0, 1).
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+            or not 0.0 < float(threshold) < 1.0:
+        raise ConfigError(f"threshold={threshold!r} must lie in (0, 1) (the paper: 0.5); excess correlation "
+                          "<= 0 is no better than chance and >= 1 is never reached. Fix --threshold")
+
+
 def flag_universal(excess_corr: np.ndarray, threshold: float = UNIVERSAL_THRESHOLD) -> np.ndarray:
     """`excess_corr > threshold`, strict; NaN (dead neurons) is never universal.
 
@@ -53,10 +67,9 @@ def flag_universal(excess_corr: np.ndarray, threshold: float = UNIVERSAL_THRESHO
         bool `[neuron]`.
 
     Raises:
-        ConfigError: `threshold` is not a finite number.
+        ConfigError: `threshold` is not in (0, 1).
     """
-    if not np.isfinite(threshold):
-        raise ConfigError(f"threshold={threshold!r} must be a finite number, e.g. 0.5")
+    check_threshold(threshold)
     excess = np.asarray(excess_corr, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return np.where(np.isnan(excess), False, excess > threshold)
