@@ -2,6 +2,7 @@
 
 from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.runtime import pick_device, set_progress
+
 from .models import (
     GPT2Config,
     LoadedModel,

@@ -17,21 +17,21 @@ same `(mask, acts)` stream from stores on disk or from live models.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from universal_neurons.artifacts import exists_message
-from universal_neurons.errors import CorruptFileError, OutputExistsError, UniversalNeuronsError
 from universal_neurons.config import Config
+from universal_neurons.errors import CorruptFileError, OutputExistsError, UniversalNeuronsError
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
+
 from .models import LoadedModel, hook_name, mlp_activations, parse_hook_name
 from .tokens import TokenSet, TokenSetConfig
 
@@ -86,7 +86,7 @@ class StoreConfig(Config):
         if self.compression not in (None, "gzip", "lzf"):
             self.fail(f"unknown compression {self.compression!r}; use None, 'gzip' or 'lzf'")
         if self.layers is not None:
-            layers = tuple(sorted({int(l) for l in self.layers}))
+            layers = tuple(sorted({int(layer) for layer in self.layers}))
             if not layers or layers[0] < 0:
                 self.fail(f"layers must be non-negative layer indices, got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
@@ -165,9 +165,9 @@ def preflight_cache(lm_or_provenance, token_set: TokenSet, config: StoreConfig =
     _check_compatible(prov, token_set)
     d_mlp, itemsize = int(prov["d_mlp"]), np.dtype(config.dtype).itemsize
     chunk = _chunk_tokens(d_mlp, itemsize, token_set.n_tokens)
-    datasets = {hook_name(l, k): {"shape": (token_set.n_tokens, d_mlp), "dtype": config.dtype,
+    datasets = {hook_name(layer, k): {"shape": (token_set.n_tokens, d_mlp), "dtype": config.dtype,
                                   "chunks": (chunk, d_mlp)}
-                for l in _layers(prov, config) for k in config.kinds}
+                for layer in _layers(prov, config) for k in config.kinds}
     nbytes = len(datasets) * token_set.n_tokens * d_mlp * itemsize + token_set.n_tokens * (4 + 1 + 4)
     out: dict[str, Any] = {"n_tokens": token_set.n_tokens, "n_rows": token_set.n_rows, "ctx_len": token_set.ctx_len,
                            "n_counted": token_set.n_counted, "datasets": datasets, "bytes": int(nbytes),
@@ -237,7 +237,7 @@ def _create(path: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfi
     dtype, n, d = np.dtype(config.dtype), token_set.n_tokens, lm.d_mlp
     chunk = _chunk_tokens(d, dtype.itemsize, n)
     with h5py.File(path, "w") as f:
-        for l in layers:
+        for layer in layers:
             for k in config.kinds:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 kwargs: dict[str, Any] = {"chunks": (chunk, d), "compression": config.compression}
@@ -249,13 +249,13 @@ def _create(path: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfi
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
                     space = h5py.h5s.create_simple((n, d))
-                    dsid = h5py.h5d.create(f.id, hook_name(l, k).encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+                    dsid = h5py.h5d.create(f.id, hook_name(layer, k).encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
                     ds = h5py.Dataset(dsid)
                 else:
-                    ds = f.create_dataset(hook_name(l, k), shape=(n, d), dtype=dtype, fletcher32=config.checksum,
+                    ds = f.create_dataset(hook_name(layer, k), shape=(n, d), dtype=dtype, fletcher32=config.checksum,
                                           **kwargs)
                 ds.dims[0].label, ds.dims[1].label = "token", "neuron"
-                ds.attrs.update({"layer": l, "kind": k})
+                ds.attrs.update({"layer": layer, "kind": k})
         for name, arr in (("token_ids", token_set.ids), ("mask", token_set.mask), ("doc_index", token_set.doc_index)):
             f.create_dataset(name, data=arr.reshape(-1), fletcher32=config.checksum).dims[0].label = "token"
         f.attrs.update(token_set.attrs())
@@ -328,7 +328,7 @@ def cache_activations(
     partial = path.with_name(path.name + ".partial")
     _check_compatible(lm.provenance, token_set, lm.tokenizer)
     layers = _layers(lm.provenance, config)
-    hooks = [hook_name(l, k) for l in layers for k in config.kinds]
+    hooks = [hook_name(layer, k) for layer in layers for k in config.kinds]
     if batch_rows is None:
         batch_rows = _default_batch_rows(lm, token_set, len(hooks))
     if not isinstance(batch_rows, int) or batch_rows < 1:
@@ -371,7 +371,7 @@ def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progr
     ctx, d = token_set.ctx_len, lm.d_mlp
     fp16 = config.dtype == "float16"
     with h5py.File(partial, "r+") as f:
-        dsets = {hook_name(l, k): f[hook_name(l, k)] for l in layers for k in config.kinds}
+        dsets = {hook_name(layer, k): f[hook_name(layer, k)] for layer in layers for k in config.kinds}
         bar = progress(total=token_set.n_tokens, initial=start * ctx, desc=f"cache {lm.name}", unit="tok",
                        unit_scale=True, enabled=progress_bar)
         try:
@@ -462,7 +462,7 @@ class ActivationStore:
         self.token_set_hash: str = str(a["token_set_hash"])
         self.token_set_config = TokenSetConfig.from_dict(from_json(a["token_set_config"]))
         self.tokenizer: dict[str, Any] = from_json(a["tokenizer"])
-        self.layers: list[int] = [int(l) for l in a["layers"]]
+        self.layers: list[int] = [int(layer) for layer in a["layers"]]
         self.n_layers, self.d_mlp = int(a["n_layers"]), int(a["d_mlp"])
         self.n_tokens, self.ctx_len = int(a["n_tokens"]), int(a["ctx_len"])
         self.hooks: list[str] = sorted((k for k in file if k.startswith("blocks.")), key=parse_hook_name)
@@ -581,13 +581,14 @@ class AlignedSource:
         except BaseException:
             self.close()
             raise
-        self.kind, self.device, self.dtype = kind, pick_device(device) if device is not None else torch.device("cpu"), dtype
+        self.kind, self.dtype = kind, dtype
+        self.device = pick_device(device) if device is not None else torch.device("cpu")
         align = max(s.chunk_tokens for s in self.stores)  # powers of two: one multiple aligns all
         self.batch_tokens = max(align, (batch_tokens // align) * align)
         self.n_tokens = self.stores[0].n_tokens
         self.t0, self.t1 = 0, self.n_tokens  # the token window a pass reads (a shard narrows it)
         self.token_set_hash = self.stores[0].token_set_hash
-        self.hooks = [[hook_name(l, kind) for l in s.layers] for s in self.stores]
+        self.hooks = [[hook_name(layer, kind) for layer in s.layers] for s in self.stores]
         self._mask = torch.from_numpy(self.stores[0].mask)
         self.close()  # the checked facts are kept; each pass reopens the files it was given as paths
 
@@ -598,7 +599,7 @@ class AlignedSource:
             raise UniversalNeuronsError(f"these stores hold activations of different token sets ({listing}); cache "
                                         "every model on the same token set before correlating them")
         for s in self.stores:
-            missing = [hook_name(l, kind) for l in s.layers if hook_name(l, kind) not in s]
+            missing = [hook_name(layer, kind) for layer in s.layers if hook_name(layer, kind) not in s]
             if missing:
                 raise UniversalNeuronsError(f"{s.path} has no {missing[0]} (it holds {s.hooks}); cache it with "
                                             f"StoreConfig(kinds=('{kind}',...))")
@@ -703,8 +704,8 @@ class LiveSource:
                 acts = []
                 for lm in self.models:
                     out = mlp_activations(lm, toks, kinds=(self.kind,))
-                    acts.append(torch.cat([out[hook_name(l, self.kind)].reshape(-1, lm.d_mlp)
-                                           for l in range(lm.n_layers)], dim=1).to(self.device, torch.float32))
+                    acts.append(torch.cat([out[hook_name(layer, self.kind)].reshape(-1, lm.d_mlp)
+                                           for layer in range(lm.n_layers)], dim=1).to(self.device, torch.float32))
                 bar.update(ids.size)
                 yield torch.from_numpy(mask.reshape(-1)).to(self.device), acts
         finally:

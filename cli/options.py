@@ -79,7 +79,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, flags: Sequence[Flag])
             continue
         shown = f.from_field(default) if f.from_field and default is not None else default
         parser.add_argument(f.flag, dest=dest, type=f.type or _scalar_type(cls, f.field), default=shown,
-                            choices=f.choices, metavar=None if f.choices else f.flag.lstrip("-").upper().replace("-", "_"),
+                            choices=f.choices,
+                            metavar=None if f.choices else f.flag.lstrip("-").upper().replace("-", "_"),
                             help=f"{f.help} (default: {shown})")
 
 

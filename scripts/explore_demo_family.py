@@ -10,8 +10,8 @@ each reference neuron's max correlation with the other seeds against a Haar-rota
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import time
 from pathlib import Path
 
@@ -101,17 +101,18 @@ def main() -> None:
             c = za.T @ zy
             c = torch.nan_to_num(c, nan=-2)
             mx.append(c.max(1).values)
-            ry = torch.cat([y[:, l * args.d_mlp:(l + 1) * args.d_mlp] @ haar(args.d_mlp, gen).T
-                            for l in range(args.layers)], dim=1)
+            ry = torch.cat([y[:, layer * args.d_mlp:(layer + 1) * args.d_mlp] @ haar(args.d_mlp, gen).T
+                            for layer in range(args.layers)], dim=1)
             cb = torch.nan_to_num(za.T @ standardize(ry), nan=-2)
             bl.append(cb.max(1).values)
         mx_t, bl_t = torch.stack(mx), torch.stack(bl)
         exc = (mx_t - bl_t).mean(0)
         per = []
-        for l in range(args.layers):
-            s = slice(l * args.d_mlp, (l + 1) * args.d_mlp)
+        for layer in range(args.layers):
+            s = slice(layer * args.d_mlp, (layer + 1) * args.d_mlp)
             e = exc[s]
-            per.append({"layer": l, "max_corr": round(mx_t[:, s].mean().item(), 3), "baseline": round(bl_t[:, s].mean().item(), 3),
+            per.append({"layer": layer, "max_corr": round(mx_t[:, s].mean().item(), 3),
+                        "baseline": round(bl_t[:, s].mean().item(), 3),
                         "excess_med": round(e.median().item(), 3), "excess_p90": round(e.quantile(0.9).item(), 3),
                         "excess_max": round(e.max().item(), 3), "frac_univ": round((e > 0.5).float().mean().item(), 4)})
         out[step_kind] = {"frac_univ": round((exc > 0.5).float().mean().item(), 4), "layers": per}

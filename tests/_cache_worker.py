@@ -4,8 +4,7 @@
 import sys
 import time
 
-from universal_neurons.activations import load_model
-from universal_neurons.activations import store
+from universal_neurons.activations import load_model, store
 from universal_neurons.activations.store import StoreConfig, cache_activations
 from universal_neurons.activations.tokens import load_token_set
 

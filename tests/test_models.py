@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from universal_neurons.activations import UniversalNeuronsError, hook_name, load_model, mlp_activations, parse_hook_name, run_with_post_hooks
+from universal_neurons.activations import (
+    UniversalNeuronsError,
+    hook_name,
+    load_model,
+    mlp_activations,
+    parse_hook_name,
+    run_with_post_hooks,
+)
 
 
 def test_activations_equal_run_with_cache(tiny_family, tokenizer):

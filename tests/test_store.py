@@ -11,13 +11,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 
 from universal_neurons.activations import UniversalNeuronsError, load_model
 from universal_neurons.activations import store as store_module
-from universal_neurons.activations.store import (ActivationStore, LiveSource, StoreConfig, cache_activations, iter_aligned,
-                               preflight_cache, store_filename)
+from universal_neurons.activations.store import (
+    ActivationStore,
+    LiveSource,
+    StoreConfig,
+    cache_activations,
+    iter_aligned,
+    preflight_cache,
+    store_filename,
+)
 from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, build_token_set
-from conftest import SAMPLE_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = SAMPLE_TEXT.split("\n\n") * 4
@@ -77,7 +84,7 @@ def _datasets(path):
 def test_fp32_store_equals_run_with_cache_and_is_self_describing(fp32_store, lms, ts):
     ref = _reference(lms[0], ts)
     with ActivationStore.open(fp32_store) as st:
-        assert st.hooks == [f"blocks.{l}.mlp.hook_{k}" for l in (0, 1) for k in ("post", "pre")]
+        assert st.hooks == [f"blocks.{layer}.mlp.hook_{k}" for layer in (0, 1) for k in ("post", "pre")]
         for h in st.hooks:
             assert st[h].dtype == np.float32 and st[h].shape == (ts.n_tokens, 64)
             np.testing.assert_array_equal(st[h][:], ref[h])
@@ -112,7 +119,7 @@ def test_fp16_store_is_fp32_rounded(lms, ts, fp32_store, tmp_path):
 def test_iter_aligned_and_live_source_agree_with_the_store(fp32_store, lms, ts, tmp_path):
     b = cache_activations(lms[1], ts, tmp_path / "b.h5", config=StoreConfig(dtype="float32"), batch_rows=8)
     ref_a, ref_b = _reference(lms[0], ts), _reference(lms[1], ts)
-    cat = [np.concatenate([r[f"blocks.{l}.mlp.hook_post"] for l in (0, 1)], axis=1) for r in (ref_a, ref_b)]
+    cat = [np.concatenate([r[f"blocks.{layer}.mlp.hook_post"] for layer in (0, 1)], axis=1) for r in (ref_a, ref_b)]
     src = iter_aligned([fp32_store, b], batch_tokens=1000)
     for _ in range(2):  # re-iterable: each pass starts again
         batches = list(src)

@@ -5,10 +5,17 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_TEXT
 
 from universal_neurons.activations import UniversalNeuronsError
-from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, build_token_set, load_token_set, newline_ids, tokenizer_info
-from conftest import SAMPLE_TEXT
+from universal_neurons.activations.tokens import (
+    TokenSet,
+    TokenSetConfig,
+    build_token_set,
+    load_token_set,
+    newline_ids,
+    tokenizer_info,
+)
 
 DOCS = ["Call me Ishmael.\nSome years ago.", "It is a truth.", "We the People of the United States."]
 

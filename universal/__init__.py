@@ -19,7 +19,8 @@ import torch.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version as _dist_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -88,10 +89,25 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the eager imports
-    from .ablation import (AblationConfig, AblationMetrics, AblationResult, ablate, ablation_stage,  # noqa: F401
-                           ablation_study, control_sets, neuron_means, neuron_set)
+    from .ablation import (  # noqa: F401
+        AblationConfig,
+        AblationMetrics,
+        AblationResult,
+        ablate,
+        ablation_stage,
+        ablation_study,
+        control_sets,
+        neuron_means,
+        neuron_set,
+    )
     from .baselines import haar_orthogonal, rotation_matrices  # noqa: F401
-    from .correlation import (CorrelationConfig, CorrelationResult, ModelLayout, correlate,  # noqa: F401
-                              correlate_all_pairs, preflight)
+    from .correlation import (  # noqa: F401
+        CorrelationConfig,
+        CorrelationResult,
+        ModelLayout,
+        correlate,
+        correlate_all_pairs,
+        preflight,
+    )
     from .pipeline import PipelineConfig, PipelineResult, run_pipeline  # noqa: F401
     from .report import Report, ReportSection, load_run, report_stage  # noqa: F401

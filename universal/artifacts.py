@@ -158,5 +158,5 @@ def reuse_or_refuse(path: str | os.PathLike, *, overwrite: bool, matches: Callab
         return False
     if matches(path):
         return True
-    raise OutputExistsError(f"{path} holds a {what} made from other inputs (other models, tokens or settings); use a new output "
-                            f"directory, or pass --overwrite (overwrite=True in Python) to recompute it")
+    raise OutputExistsError(f"{path} holds a {what} made from other inputs (other models, tokens or settings); "
+                            "use a new output directory, or pass --overwrite (overwrite=True in Python) to recompute it")
