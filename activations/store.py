@@ -249,7 +249,8 @@ def _create(path: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfi
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
                     space = h5py.h5s.create_simple((n, d))
-                    dsid = h5py.h5d.create(f.id, hook_name(layer, k).encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+                    dsid = h5py.h5d.create(f.id, hook_name(layer, k).encode(), h5py.h5t.py_create(dtype), space,
+                                           dcpl=dcpl)
                     ds = h5py.Dataset(dsid)
                 else:
                     ds = f.create_dataset(hook_name(layer, k), shape=(n, d), dtype=dtype, fletcher32=config.checksum,

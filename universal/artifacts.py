@@ -159,4 +159,5 @@ def reuse_or_refuse(path: str | os.PathLike, *, overwrite: bool, matches: Callab
     if matches(path):
         return True
     raise OutputExistsError(f"{path} holds a {what} made from other inputs (other models, tokens or settings); "
-                            "use a new output directory, or pass --overwrite (overwrite=True in Python) to recompute it")
+                            "use a new output directory, or pass --overwrite (overwrite=True in Python) to "
+                            "recompute it")
