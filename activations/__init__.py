@@ -1,4 +1,11 @@
-"""The caching layer: models in, tokens in, HDF5 activations out."""
+"""The caching layer: models in, tokens in, HDF5 activations out.
+
+    models.py   the one module that touches TransformerLens: loading, hook names, forward passes
+    tokens.py   token sets: text in, rows of ids with BOS, a mask and a content hash out
+    store.py    caching: a model and a token set in, one HDF5 activation store out (resumable)
+    reader.py   reading a store lazily, every chunk checked against its checksum
+    sources.py  token-aligned batches of a family for the correlation engine (stores or live models)
+"""
 
 from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.runtime import pick_device, set_progress
@@ -17,16 +24,9 @@ from .models import (
     run_with_post_hooks,
     save_model_dir,
 )
-from .store import (
-    ActivationStore,
-    AlignedSource,
-    LiveSource,
-    StoreConfig,
-    cache_activations,
-    iter_aligned,
-    preflight_cache,
-    store_filename,
-)
+from .reader import ActivationStore, CheckedDataset
+from .sources import AlignedSource, LiveSource, iter_aligned
+from .store import StoreConfig, cache_activations, preflight_cache, store_filename
 from .tokens import TokenSet, TokenSetConfig, build_token_set, load_token_set
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "cache_activations",
     "preflight_cache",
     "ActivationStore",
+    "CheckedDataset",
     "iter_aligned",
     "AlignedSource",
     "LiveSource",

@@ -10,8 +10,9 @@ One file per (model, checkpoint, token set). Layout:
 `token` is rows * ctx_len flattened in row order. Writes stream batch by batch into
 `<path>.partial`, which records `complete_rows` after each flushed batch; a killed run
 restarts from there and the file is renamed to `<path>` when complete. Reading is lazy
-(`ActivationStore`), and `iter_aligned` / `LiveSource` give the correlation engine the
-same `(mask, acts)` stream from stores on disk or from live models.
+(`universal_neurons.activations.reader.ActivationStore`), and `iter_aligned` / `LiveSource`
+(`universal_neurons.activations.sources`) give the correlation engine the same
+`(mask, acts)` stream from stores on disk or from live models.
 """
 
 from __future__ import annotations
@@ -22,35 +23,32 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from universal_neurons.artifacts import exists_message
 from universal_neurons.config import Config
-from universal_neurons.errors import CorruptFileError, OutputExistsError, UniversalNeuronsError
-from universal_neurons.runtime import SCHEMA_VERSION, from_json, pick_device, progress, provenance_base, to_json
+from universal_neurons.errors import OutputExistsError, UniversalNeuronsError
+from universal_neurons.runtime import SCHEMA_VERSION, from_json, progress, provenance_base, to_json
 
-from .models import LoadedModel, hook_name, mlp_activations, parse_hook_name
-from .tokens import TokenSet, TokenSetConfig
+from .models import LoadedModel, hook_name, mlp_activations
+from .tokens import TokenSet
 
 __all__ = [
+    "STORE_KIND",
+    "check_compatible",
     "StoreConfig",
     "cache_activations",
     "preflight_cache",
-    "ActivationStore",
-    "iter_aligned",
-    "AlignedSource",
-    "LiveSource",
     "store_filename",
-    "CheckedDataset",
     "after_batch",
 ]
 
 log = logging.getLogger(__name__)
 
-_KIND = "activation_store"
+STORE_KIND = "activation_store"  # attrs["kind"] of every store file
 _FP16_MAX = 65504.0
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: whole chunks per read, fits h5py's default 1 MiB chunk cache
 _BATCH_BYTES = 256 << 20  # default forward batch: ~256 MiB of fp32 activations
@@ -107,7 +105,9 @@ def _prov(lm_or_provenance) -> dict[str, Any]:
     return lm_or_provenance.provenance if isinstance(lm_or_provenance, LoadedModel) else dict(lm_or_provenance)
 
 
-def _check_compatible(prov: dict[str, Any], token_set: TokenSet, tokenizer=None) -> None:
+def check_compatible(prov: dict[str, Any], token_set: TokenSet, tokenizer=None) -> None:
+    """Refuse a token set the model cannot run: rows longer than its context, ids beyond its
+    vocabulary, or another tokenizer than the one that made the token set."""
     if token_set.ctx_len > int(prov["n_ctx"]):
         raise UniversalNeuronsError(
             f"the token set's rows have ctx_len={token_set.ctx_len} but {prov.get('name')} accepts at most "
@@ -162,7 +162,7 @@ def preflight_cache(lm_or_provenance, token_set: TokenSet, config: StoreConfig =
         UniversalNeuronsError: the model cannot run the token set.
     """
     prov = _prov(lm_or_provenance)
-    _check_compatible(prov, token_set)
+    check_compatible(prov, token_set)
     d_mlp, itemsize = int(prov["d_mlp"]), np.dtype(config.dtype).itemsize
     chunk = _chunk_tokens(d_mlp, itemsize, token_set.n_tokens)
     datasets = {hook_name(layer, k): {"shape": (token_set.n_tokens, d_mlp), "dtype": config.dtype,
@@ -261,7 +261,7 @@ def _create(path: Path, lm: LoadedModel, token_set: TokenSet, config: StoreConfi
             f.create_dataset(name, data=arr.reshape(-1), fletcher32=config.checksum).dims[0].label = "token"
         f.attrs.update(token_set.attrs())
         f.attrs.update({
-            "kind": _KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(provenance_base(_KIND)),
+            "kind": STORE_KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(provenance_base(STORE_KIND)),
             "model": to_json(lm.provenance), "store_config": to_json(config.to_dict()), "layers": layers,
             "n_layers": len(layers), "d_mlp": d, "ctx_len": token_set.ctx_len, "n_rows": token_set.n_rows,
             "n_tokens": n, "dims": ["token", "neuron"], "complete_rows": 0,
@@ -274,7 +274,7 @@ def _resume_point(partial: Path, lm: LoadedModel, token_set: TokenSet, config: S
     if not partial.exists():
         return None
     head = _read_head(partial)
-    if head is None or head["kind"] != _KIND:
+    if head is None or head["kind"] != STORE_KIND:
         log.warning("%s is unreadable (killed while its metadata was written?); starting it again", partial)
         return None
     if head["token_set_hash"] != token_set.hash:
@@ -327,7 +327,7 @@ def cache_activations(
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    _check_compatible(lm.provenance, token_set, lm.tokenizer)
+    check_compatible(lm.provenance, token_set, lm.tokenizer)
     layers = _layers(lm.provenance, config)
     hooks = [hook_name(layer, k) for layer in layers for k in config.kinds]
     if batch_rows is None:
@@ -396,318 +396,5 @@ def _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progr
                 f.flush()
                 bar.update((r1 - r0) * ctx)
                 after_batch(r1)
-        finally:
-            bar.close()
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-@contextlib.contextmanager
-def _checked_read(path: Path, what: str) -> Iterator[None]:
-    """Turn HDF5's read failure of a chunk (its Fletcher-32 checksum does not match, or the
-    bytes cannot be decoded) into a `CorruptFileError` that names the file."""
-    try:
-        yield
-    except OSError as e:
-        if isinstance(e, UniversalNeuronsError):
-            raise
-        raise CorruptFileError(
-            f"{path}: reading {what} failed ({e}); the file is corrupted (a checksum does not match its data). "
-            "Cache these activations again (`universal-neurons cache ... --overwrite`)") from e
-
-
-class CheckedDataset:
-    """An h5py dataset of a store whose reads raise `CorruptFileError` on a bad chunk.
-
-    Slicing (`ds[a:b]`), `read_direct` and `np.asarray(ds)` are checked; every other attribute
-    (`shape`, `dtype`, `chunks`, `attrs`, `dims`, ...) is the dataset's own.
-    """
-
-    def __init__(self, dataset, path: Path) -> None:
-        self._ds, self._path = dataset, path
-
-    def __getitem__(self, selection):
-        with _checked_read(self._path, self._ds.name):
-            return self._ds[selection]
-
-    def read_direct(self, *args, **kwargs) -> None:
-        with _checked_read(self._path, self._ds.name):
-            self._ds.read_direct(*args, **kwargs)
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[()]
-        return arr if dtype is None else arr.astype(dtype)
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def __getattr__(self, name: str):
-        return getattr(self._ds, name)
-
-
-class ActivationStore:
-    """A finished activation store, read lazily.
-
-    `store["blocks.3.mlp.hook_post"][a:b]` is an h5py dataset slice: `Float[ndarray, "token neuron"]`
-    of tokens a..b-1 (rows * ctx_len flattened in row order), in the stored dtype.
-    Use as a context manager or call `close()`.
-    """
-
-    def __init__(self, path: Path, file) -> None:
-        self.path, self._f = path, file
-        a = file.attrs
-        self.provenance: dict[str, Any] = from_json(a["provenance"])
-        self.model: dict[str, Any] = from_json(a["model"])
-        self.config = StoreConfig.from_dict(from_json(a["store_config"]))
-        self.token_set_hash: str = str(a["token_set_hash"])
-        self.token_set_config = TokenSetConfig.from_dict(from_json(a["token_set_config"]))
-        self.tokenizer: dict[str, Any] = from_json(a["tokenizer"])
-        self.layers: list[int] = [int(layer) for layer in a["layers"]]
-        self.n_layers, self.d_mlp = int(a["n_layers"]), int(a["d_mlp"])
-        self.n_tokens, self.ctx_len = int(a["n_tokens"]), int(a["ctx_len"])
-        self.hooks: list[str] = sorted((k for k in file if k.startswith("blocks.")), key=parse_hook_name)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> "ActivationStore":
-        """Open a finished store for reading (errors say what is missing and how to make it)."""
-        import h5py
-
-        path = Path(path)
-        if not path.is_file():
-            partial = path.with_name(path.name + ".partial")
-            hint = (f"; an unfinished run left {partial}: run cache_activations again to resume it"
-                    if partial.exists() else "; write it with cache_activations (`universal-neurons cache`)")
-            raise UniversalNeuronsError(f"no activation store at {path}{hint}")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as e:
-            raise UniversalNeuronsError(f"{path} is not a readable HDF5 file ({e})") from e
-        try:
-            if f.attrs.get("kind") != _KIND:
-                raise UniversalNeuronsError(f"{path} is not an activation store (kind={f.attrs.get('kind')!r})")
-            if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
-                raise UniversalNeuronsError(f"{path} has schema version {int(f.attrs['schema_version'])}; this "
-                                            f"toolkit reads {SCHEMA_VERSION}. Cache the activations again")
-            if int(f.attrs["complete_rows"]) != int(f.attrs["n_rows"]):
-                raise UniversalNeuronsError(f"{path} is incomplete ({int(f.attrs['complete_rows'])} of "
-                                            f"{int(f.attrs['n_rows'])} rows); cache it again")
-            return cls(path, f)
-        except BaseException:
-            f.close()
-            raise
-
-    def __enter__(self) -> "ActivationStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, model={self.model.get('name')!r}, "
-                f"checkpoint={self.model.get('checkpoint')}, n_tokens={self.n_tokens}, hooks={len(self.hooks)}, "
-                f"dtype={self.config.dtype}, token_set={self.token_set_hash[:12]})")
-
-    def __getitem__(self, hook: str):
-        if hook not in self.hooks:
-            raise UniversalNeuronsError(f"{self.path} has no {hook!r}; it holds {self.hooks}")
-        return CheckedDataset(self._f[hook], self.path)
-
-    def __contains__(self, hook: str) -> bool:
-        return hook in self.hooks
-
-    def neuron(self, layer: int, i: int, kind: str = "post") -> np.ndarray:
-        """`Float[ndarray, "token"]`: neuron `i` of `layer` over every token."""
-        if not 0 <= int(i) < self.d_mlp:
-            raise UniversalNeuronsError(f"neuron {i} does not exist; layers have {self.d_mlp} neurons")
-        return self[hook_name(layer, kind)][:, int(i)]
-
-    @property
-    def token_ids(self) -> np.ndarray:
-        """`Int[ndarray, "token"]` int32, the ids every activation row belongs to."""
-        return CheckedDataset(self._f["token_ids"], self.path)[()]
-
-    @property
-    def mask(self) -> np.ndarray:
-        """`Bool[ndarray, "token"]`, True = counted by statistics."""
-        return CheckedDataset(self._f["mask"], self.path)[()].astype(bool)
-
-    @property
-    def doc_index(self) -> np.ndarray:
-        return CheckedDataset(self._f["doc_index"], self.path)[()]
-
-    @property
-    def chunk_tokens(self) -> int:
-        ds = self._f[self.hooks[0]]
-        # a stitched store's virtual datasets have no chunks; they carry their shards' chunk length
-        return int(ds.chunks[0]) if ds.chunks is not None else int(ds.attrs.get("chunk_tokens", 1))
-
-
-def _open_all(stores) -> tuple[list[ActivationStore], list[bool]]:
-    out, owned = [], []
-    for s in stores:
-        if isinstance(s, ActivationStore):
-            out.append(s)
-            owned.append(False)
-        else:
-            out.append(ActivationStore.open(s))
-            owned.append(True)
-    return out, owned
-
-
-class AlignedSource:
-    """Token-aligned batches from several stores of one token set; re-iterable (each `iter()`
-    is a new pass reading every chunk once, in file order).
-
-    Yields `(mask: Bool[Tensor, "token"], acts: list[Float[Tensor, "token n_layers*d_mlp"]])`, one
-    tensor per store in store order, neuron index = layer * d_mlp + neuron. Stores given as paths
-    are opened only during a pass; open `ActivationStore`s given by the caller stay the caller's.
-    """
-
-    def __init__(self, stores, batch_tokens: int, kind: str = "post", device=None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        if kind not in ("post", "pre"):
-            raise UniversalNeuronsError(f"unknown hook kind {kind!r}; use 'post' or 'pre'")
-        if not isinstance(batch_tokens, int) or batch_tokens < 1:
-            raise UniversalNeuronsError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
-        stores = list(stores)
-        if not stores:
-            raise UniversalNeuronsError("iter_aligned needs at least one store")
-        self.stores, self._owned = _open_all(stores)
-        try:
-            self._check(kind)
-        except BaseException:
-            self.close()
-            raise
-        self.kind, self.dtype = kind, dtype
-        self.device = pick_device(device) if device is not None else torch.device("cpu")
-        align = max(s.chunk_tokens for s in self.stores)  # powers of two: one multiple aligns all
-        self.batch_tokens = max(align, (batch_tokens // align) * align)
-        self.n_tokens = self.stores[0].n_tokens
-        self.t0, self.t1 = 0, self.n_tokens  # the token window a pass reads (a shard narrows it)
-        self.token_set_hash = self.stores[0].token_set_hash
-        self.hooks = [[hook_name(layer, kind) for layer in s.layers] for s in self.stores]
-        self._mask = torch.from_numpy(self.stores[0].mask)
-        self.close()  # the checked facts are kept; each pass reopens the files it was given as paths
-
-    def _check(self, kind: str) -> None:
-        hashes = {str(s.path): s.token_set_hash for s in self.stores}
-        if len(set(hashes.values())) > 1:
-            listing = "; ".join(f"{p}: {h}" for p, h in hashes.items())
-            raise UniversalNeuronsError(f"these stores hold activations of different token sets ({listing}); cache "
-                                        "every model on the same token set before correlating them")
-        for s in self.stores:
-            missing = [hook_name(layer, kind) for layer in s.layers if hook_name(layer, kind) not in s]
-            if missing:
-                raise UniversalNeuronsError(f"{s.path} has no {missing[0]} (it holds {s.hooks}); cache it with "
-                                            f"StoreConfig(kinds=('{kind}',...))")
-        layouts = {str(s.path): (tuple(s.layers), s.d_mlp) for s in self.stores}
-        if len(set(layouts.values())) > 1:
-            raise UniversalNeuronsError(f"the stores hold different hooks (layers, d_mlp): {layouts}")
-
-    @property
-    def n_neurons(self) -> list[int]:
-        return [len(s.layers) * s.d_mlp for s in self.stores]
-
-    def __len__(self) -> int:
-        return -(-(self.t1 - self.t0) // self.batch_tokens)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        # stores given as paths are opened for the pass and closed after it (no lingering handles)
-        stores = [ActivationStore.open(s.path) if own else s for s, own in zip(self.stores, self._owned)]
-        try:
-            yield from self._batches(stores)
-        finally:
-            for s, own in zip(stores, self._owned):
-                if own:
-                    s.close()
-
-    def _batches(self, stores: list[ActivationStore]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        for a in range(self.t0, self.t1, self.batch_tokens):
-            b = min(a + self.batch_tokens, self.t1)
-            acts = []
-            for s, hooks in zip(stores, self.hooks):
-                d = s.d_mlp
-                buf = np.empty((b - a, len(hooks) * d), dtype=s[hooks[0]].dtype)
-                for j, h in enumerate(hooks):
-                    s[h].read_direct(buf, np.s_[a:b], np.s_[:, j * d:(j + 1) * d])
-                acts.append(torch.from_numpy(buf).to(self.device, self.dtype))
-            yield self._mask[a:b].to(self.device), acts
-
-    def close(self) -> None:
-        """Close the stores this source opened itself (a later pass reopens them)."""
-        for s, own in zip(self.stores, self._owned):
-            if own:
-                s.close()
-
-
-def iter_aligned(stores: Sequence, batch_tokens: int, kind: str = "post", device=None,
-                 dtype: torch.dtype = torch.float32) -> AlignedSource:
-    """The correlation engine's source over stores on disk.
-
-    First checks that every store holds the same token set (hash) and the same hooks.
-
-    Args:
-        stores: paths or open `ActivationStore`s, reference model first.
-        batch_tokens: tokens per batch, rounded down to whole chunks (at least one chunk).
-        kind: `'post'` or `'pre'`; `device`: where the tensors go (default CPU); `dtype` of them.
-
-    Returns:
-        a re-iterable `AlignedSource` yielding `(mask: Bool[Tensor, "token"],
-        acts: list[Float[Tensor, "token n_layers*d_mlp"]])`.
-    """
-    return AlignedSource(stores, batch_tokens, kind=kind, device=device, dtype=dtype)
-
-
-class LiveSource:
-    """The same `(mask, acts)` contract as `iter_aligned`, computed by running every model on the
-    same rows, with nothing cached on disk (values equal a float32 store). Re-iterable.
-
-    Args:
-        models: `LoadedModel`s of one family, reference first.
-        token_set: the rows; `batch_rows`: rows per forward pass.
-        kind: `'post'` or `'pre'`; `device`: where yielded tensors go (default: the first model's).
-    """
-
-    def __init__(self, models: Sequence[LoadedModel], token_set: TokenSet, batch_rows: int, kind: str = "post",
-                 device=None, progress_bar: bool | None = False) -> None:
-        if kind not in ("post", "pre"):
-            raise UniversalNeuronsError(f"unknown hook kind {kind!r}; use 'post' or 'pre'")
-        if not isinstance(batch_rows, int) or batch_rows < 1:
-            raise UniversalNeuronsError(f"batch_rows must be a positive integer, got {batch_rows!r}")
-        self.models = list(models)
-        if not self.models:
-            raise UniversalNeuronsError("LiveSource needs at least one model")
-        for lm in self.models:
-            _check_compatible(lm.provenance, token_set, lm.tokenizer)
-        self.token_set, self.batch_rows, self.kind = token_set, batch_rows, kind
-        self.device = pick_device(device) if device is not None else self.models[0].device
-        self.n_tokens, self.token_set_hash = token_set.n_tokens, token_set.hash
-        self.batch_tokens = batch_rows * token_set.ctx_len
-        self.progress_bar = progress_bar
-
-    @property
-    def n_neurons(self) -> list[int]:
-        return [lm.n_layers * lm.d_mlp for lm in self.models]
-
-    def __len__(self) -> int:
-        return -(-self.token_set.n_rows // self.batch_rows)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        bar = progress(total=self.n_tokens, desc="live activations", unit="tok", unit_scale=True,
-                       enabled=self.progress_bar)
-        try:
-            for ids, mask in self.token_set.batches(self.batch_rows):
-                toks = torch.from_numpy(ids).long()
-                acts = []
-                for lm in self.models:
-                    out = mlp_activations(lm, toks, kinds=(self.kind,))
-                    acts.append(torch.cat([out[hook_name(layer, self.kind)].reshape(-1, lm.d_mlp)
-                                           for layer in range(lm.n_layers)], dim=1).to(self.device, torch.float32))
-                bar.update(ids.size)
-                yield torch.from_numpy(mask.reshape(-1)).to(self.device), acts
         finally:
             bar.close()

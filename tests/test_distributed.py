@@ -26,7 +26,7 @@ from universal_neurons.activations import (  # noqa: E402
     iter_aligned,
     load_model,
 )
-from universal_neurons.activations.store import LiveSource  # noqa: E402
+from universal_neurons.activations.sources import LiveSource  # noqa: E402
 from universal_neurons.activations.tokens import TokenSetConfig, build_token_set  # noqa: E402
 from universal_neurons.cli.main import main as cli  # noqa: E402
 from universal_neurons.distributed import (  # noqa: E402

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from universal_neurons.activations import ActivationStore, StoreConfig, TokenSet, cache_activations
+from universal_neurons.activations.store import STORE_KIND
 from universal_neurons.artifacts import atomic_path, refuse_existing
 from universal_neurons.errors import IncompatibleInputsError
 from universal_neurons.runtime import SCHEMA_VERSION, provenance_base, to_json
@@ -22,7 +23,6 @@ __all__ = ["cache_distributed", "stitch_stores"]
 
 log = logging.getLogger(__name__)
 
-_STORE_KIND = "activation_store"  # what activations/store.py writes in attrs["kind"]
 _DEFAULT_BATCH_ROWS = 32  # shard edges fall on whole forward batches of this many rows
 
 
@@ -172,7 +172,7 @@ def stitch_stores(shards: Sequence[str | os.PathLike], token_set: TokenSet, path
                 ds.attrs["chunk_tokens"] = int(src0.chunks[0])
         f.attrs.update({k: f0.attrs[k] for k in f0.attrs.keys()})
         f.attrs.update(token_set.attrs())
-        prov = {**provenance_base(_STORE_KIND), "stitched_from": rel, "shard_rows": rows}
-        f.attrs.update({"kind": _STORE_KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(prov),
+        prov = {**provenance_base(STORE_KIND), "stitched_from": rel, "shard_rows": rows}
+        f.attrs.update({"kind": STORE_KIND, "schema_version": SCHEMA_VERSION, "provenance": to_json(prov),
                         "n_rows": token_set.n_rows, "n_tokens": n, "ctx_len": ctx, "complete_rows": token_set.n_rows})
     return path
