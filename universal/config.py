@@ -17,7 +17,6 @@ rebuilds nested configurations, and turns a wrong argument into a `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -29,9 +28,13 @@ __all__ = ["Config"]
 C = TypeVar("C", bound="Config")
 
 
-@functools.lru_cache(maxsize=None)
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    if cls not in _HINTS:  # resolving string annotations is slow; a class's hints never change
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _options(hint: Any) -> tuple[Any, ...]:

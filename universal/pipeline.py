@@ -1,6 +1,7 @@
 """The whole pipeline for a seed family, one stage after the other, each output on disk:
 
     out_dir/tokens.h5             the token set every model sees (ids, mask, hash)
+    out_dir/tokens_held_out.h5    rows of the same text kept out of the study, for the ablation
     out_dir/stores/<label>.h5     activations of each model (skipped with cache=False)
     out_dir/correlation.h5        max-correlation, partners and baselines per pair (a, m)
     out_dir/universality.csv/.h5  the universality table
@@ -31,6 +32,7 @@ from universal_neurons.activations import (
     iter_aligned,
     load_model,
 )
+from universal_neurons.activations.tokens import build_study_and_held_out
 from universal_neurons.artifacts import check_not_input, check_writable, reuse_or_refuse, write_json
 from universal_neurons.config import Config
 from universal_neurons.errors import ConfigError, IncompatibleInputsError
@@ -68,15 +70,27 @@ class PipelineConfig(Config):
     process_weights: bool = True  # the paper's weight processing (fold LN, centre weights)
     device: str | None = None  # None = CUDA when present
     cluster: str | None = None  # Dask cluster: "local:N", "tcp://host:port" (docs/distributed.md); None = in-process
+    held_out_share: float = 0.1  # share of the text's rows kept out of the study: the ablation's held-out tokens
+    # (0 = none; the ablation is then measured on the studied tokens unless given others)
+    held_out_tokens: int | None = 16_384  # at most this many held-out tokens (whole rows); None = the whole share
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
         if isinstance(self.batch_rows, bool) or not isinstance(self.batch_rows, int) or self.batch_rows < 1:
             self.fail(f"batch_rows must be a positive integer, got {self.batch_rows!r}; fix --batch-rows")
+        if isinstance(self.held_out_share, bool) or not 0.0 <= float(self.held_out_share) < 1.0:
+            self.fail(f"held_out_share must be in [0, 1), e.g. 0.1, got {self.held_out_share!r}")
+        if self.held_out_tokens is not None and (isinstance(self.held_out_tokens, bool)
+                                                 or not isinstance(self.held_out_tokens, int)
+                                                 or self.held_out_tokens < self.tokens.ctx_len):
+            self.fail(f"held_out_tokens must be None or an integer >= one row (ctx_len={self.tokens.ctx_len}), got "
+                      f"{self.held_out_tokens!r}")
 
 
 @dataclass
 class PipelineResult:
+    """What `run_pipeline` made; `held_out` = the rows kept out of the study (None when none were)."""
+
     out_dir: Path
     labels: list[str]
     token_set: TokenSet
@@ -84,18 +98,28 @@ class PipelineResult:
     table: pd.DataFrame
     summary: dict[str, Any]
     model_provenance: list[dict[str, Any]]
+    held_out: TokenSet | None = None
 
 
-def _token_set(text, tokenizer, config: PipelineConfig, path: Path, overwrite: bool) -> TokenSet:
-    if isinstance(text, TokenSet):
-        ts = text
-    else:
-        ts = build_token_set(text, tokenizer, config.tokens)
-    if reuse_or_refuse(path, overwrite=overwrite, matches=lambda p: TokenSet.load(p).hash == ts.hash,
-                       what="token set"):
+def _saved(ts: TokenSet, path: Path, overwrite: bool, what: str) -> TokenSet:
+    if reuse_or_refuse(path, overwrite=overwrite, matches=lambda p: TokenSet.load(p).hash == ts.hash, what=what):
         return TokenSet.load(path)
     ts.save(path, overwrite=overwrite)
     return ts
+
+
+def _token_sets(text, tokenizer, config: PipelineConfig, out: Path,
+                overwrite: bool) -> tuple[TokenSet, TokenSet | None]:
+    """The studied token set and, from text with `held_out_share > 0`, the held-out one
+    (`build_study_and_held_out`: disjoint rows of the same text); a given `TokenSet` is studied whole."""
+    if isinstance(text, TokenSet):
+        return _saved(text, out / "tokens.h5", overwrite, "token set"), None
+    if not config.held_out_share:
+        return _saved(build_token_set(text, tokenizer, config.tokens), out / "tokens.h5", overwrite, "token set"), None
+    study, held = build_study_and_held_out(text, tokenizer, config.tokens, share=config.held_out_share,
+                                           max_tokens=config.held_out_tokens)
+    return (_saved(study, out / "tokens.h5", overwrite, "token set"),
+            _saved(held, out / "tokens_held_out.h5", overwrite, "held-out token set"))
 
 
 def family_summary(table: pd.DataFrame, result: CorrelationResult, threshold: float) -> dict[str, Any]:
@@ -140,6 +164,9 @@ def run_pipeline(
     Args:
         models: hub names or local directories of one family (same tokenizer and shapes).
         text: what `build_token_set` reads (files, folder, list of strings), or a `TokenSet`.
+            From text, `config.held_out_share` of the rows (at most `config.held_out_tokens`
+            tokens) are held out of the study (`result.held_out`, `tokens_held_out.h5`) for the
+            ablation stage; a `TokenSet` is studied whole.
         out_dir: where every output goes (see the module docstring).
         checkpoint: training step loaded for every model (None = final weights).
         labels: short names per model (default `a, b, c, ...`).
@@ -148,6 +175,10 @@ def run_pipeline(
 
     Returns:
         a `PipelineResult`.
+
+    Raises:
+        InputError: the text leaves no row to study or none to hold out (before any activation
+            is cached).
     """
     if len(models) < 2:
         raise ConfigError(f"a seed family needs at least two models, got {len(models)}")
@@ -162,13 +193,15 @@ def run_pipeline(
     if len(shapes) > 1:
         raise IncompatibleInputsError(f"the models have different shapes (n_layers, d_mlp): {sorted(shapes)}; "
                                     "a seed family shares one architecture")
-    ts = _token_set(text, lms[0].tokenizer, config, out / "tokens.h5", overwrite)
+    ts, held = _token_sets(text, lms[0].tokenizer, config, out, overwrite)
     log.info("token set: %d rows x %d = %d tokens (%d counted), hash %s", ts.n_rows, ts.ctx_len, ts.n_tokens,
              ts.n_counted, ts.hash[:12])
+    if held is not None:
+        log.info("held-out token set (for the ablation): %d rows, hash %s", held.n_rows, held.hash[:12])
 
     with using_cluster(config.cluster) as client:
         result = _correlate_stage(models, lms, labels, ts, out, checkpoint, config, overwrite, client)
-    return _finish(result, lms, labels, ts, out, config, extra_stages)
+    return _finish(result, lms, labels, ts, out, config, extra_stages, held)
 
 
 def _model_identity(prov: dict[str, Any]) -> list[Any]:
@@ -207,6 +240,7 @@ def _correlate_stage(models, lms, labels, ts: TokenSet, out: Path, checkpoint, c
         log.info("reusing %s", corr_path)
         return CorrelationResult.load(corr_path)
     if not config.cache:
+        source: Any
         if client is not None:
             source = live_shards(list(models), ts, config.batch_rows, checkpoint=checkpoint,
                                  process_weights=config.process_weights)
@@ -378,7 +412,7 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
 
 
 def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, config: PipelineConfig,
-            extra_stages) -> PipelineResult:
+            extra_stages, held: TokenSet | None) -> PipelineResult:
     prov = result.provenance
     table = universality_table(result, threshold=config.threshold)
     for ext in ("csv", "h5"):
@@ -389,9 +423,12 @@ def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, con
         "config": config.to_dict(),
         "inputs": prov,
         "universality": family_summary(table, result, config.threshold),
+        "held_out_tokens": None if held is None else {
+            "path": str(out / "tokens_held_out.h5"), "hash": held.hash, "n_rows": held.n_rows,
+            "disjoint_from": ts.hash, "rule": held.source.get("held_out_from", {}).get("rule")},
     }
     res = PipelineResult(out_dir=out, labels=labels, token_set=ts, correlation=result, table=table,
-                         summary=summary, model_provenance=[lm.provenance for lm in lms])
+                         summary=summary, model_provenance=[lm.provenance for lm in lms], held_out=held)
     for stage in extra_stages:
         summary.update(stage(res) or {})
     write_json(out / "summary.json", summary, overwrite=True)
