@@ -59,7 +59,7 @@ PIP_WHISPER = "openai-whisper==20250625"
 
 HELDOUT_EVERY = 20  # ~5% of each source's documents, never seen by training or the tokenizer
 HELDOUT_OFFSET = 9  # documents 9, 29, 49, ... of each source; offset chosen so held-out has >= 250k tokens
-VOCAB_SIZE = 4096  # small enough that the unembedding does not dominate CPU training (see OFFLINE.md)
+VOCAB_SIZE = 4096  # small enough that the unembedding does not dominate CPU training (measured: docs/demo_family.md)
 EOT = "<|endoftext|>"  # id 0: BOS, EOS and pad, as in GPT-2
 WEB_GROUP_WORDS = 3000  # consecutive Bible chapters are joined until a document has this many words
 XZ_PRESET = 9 | lzma.PRESET_EXTREME

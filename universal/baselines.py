@@ -1,4 +1,4 @@
-"""Chance baselines for max-correlation (METHOD.md §5): rotation, gaussian, permutation.
+"""Chance baselines for max-correlation (docs/method.md §5): rotation, gaussian, permutation.
 
 A baseline answers "how high does max_j rho(x_i, u_j) get when the units u_j of
 model m carry m's statistics but no alignment with a's neurons?".

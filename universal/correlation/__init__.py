@@ -1,4 +1,4 @@
-"""Stage: activations -> correlations (METHOD.md §4-5).
+"""Stage: activations -> correlations (docs/method.md §4-5).
 
 Exact streaming Pearson correlation between every neuron of a reference model `a` and every
 neuron of each other model `m` (all layers), with a chance baseline computed in the same pass.

@@ -67,7 +67,7 @@ class ModelLayout:
 class CorrelationConfig(Config):
     """How `correlate` runs. Stored in every result's attributes."""
 
-    baseline: str = "rotation"        # METHOD.md §5: "rotation" (paper), "gaussian", "permutation" or "none"
+    baseline: str = "rotation"        # docs/method.md §5: "rotation" (paper), "gaussian", "permutation" or "none"
     seed: int = 0                     # seeds the baseline's rotations / noise / permutations
     # "fp32" exact (max error ~1e-6); "bf16" ~2x faster on CPU (measured), error ~2e-3; "tf32" CUDA only
     precision: str = "fp32"
