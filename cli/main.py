@@ -1,7 +1,10 @@
 """`universal-neurons`: the command-line interface, a thin layer over the Python API.
 
 Every subcommand parses arguments, calls one public function, and prints where the results
-are. Errors a user can fix (`UniversalNeuronsError`) are printed as one line and exit 2.
+are. Exit codes: 0 done; 2 an error a user can fix (`UniversalNeuronsError`: a bad input,
+setting or an existing output) or one the system reported (a full disk, a permission),
+printed as one line naming the problem and the fix; 3 an internal error (a bug: one line,
+the traceback with `-v`); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -87,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; finished results are kept and an interrupted cache resumes on the next run",
               file=sys.stderr)
         return 130
+    except OSError as e:  # the system said no: disk full, permissions, a vanished file
+        if args.verbose:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"universal-neurons {args.command}: error: {e.strerror or e}{where}; earlier results are kept "
+              "(outputs are written to a temporary file and renamed only when complete)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, not a user error: one line here, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"universal-neurons {args.command}: internal error: {type(e).__name__}: {e} "
+              "(rerun with -v for the traceback, and please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m universal_neurons.cli.main`

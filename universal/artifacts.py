@@ -34,6 +34,7 @@ __all__ = [
     "read_json",
     "plain",
     "reuse_or_refuse",
+    "reading",
 ]
 
 OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it, or choose another path"
@@ -161,3 +162,26 @@ def reuse_or_refuse(path: str | os.PathLike, *, overwrite: bool, matches: Callab
     raise OutputExistsError(f"{path} holds a {what} made from other inputs (other models, tokens or settings); "
                             "use a new output directory, or pass --overwrite (overwrite=True in Python) to "
                             "recompute it")
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
+    """Read an input file inside this block: a file that is not what it should be (not HDF5,
+    truncated, another kind of file, missing fields, not UTF-8, unparsable) becomes one
+    `InputError` naming the file, what it should have been, and `fix`.
+
+    Args:
+        path: the file being read.
+        what: what it should be ("correlation result", "universality table").
+        fix: how to get a good one ("recompute it with `universal-neurons correlate`").
+    """
+    try:
+        yield
+    except (InputError, InputNotFoundError, ConfigError):
+        raise
+    except (OSError, KeyError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, OSError) and not isinstance(e, UnicodeDecodeError) and e.errno is not None:
+            detail = e.strerror or str(e)  # a system error (permissions, ...), not a format problem
+        else:
+            detail = f"{type(e).__name__}: {e}"
+        raise InputError(f"{os.fspath(path)} is not a readable {what} ({detail}); {fix}") from e

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from universal_neurons.artifacts import atomic_path, read_json, refuse_existing, write_json
+from universal_neurons.artifacts import atomic_path, read_json, reading, refuse_existing, write_json
 from universal_neurons.errors import ConfigError, InputError, InputNotFoundError
 from universal_neurons.runtime import from_json, provenance_base, to_json
 
@@ -204,14 +204,19 @@ def load_universality_table(path: str | os.PathLike) -> pd.DataFrame:
     if not os.path.exists(path):
         raise InputNotFoundError(f"no universality table at {os.fspath(path)!r}; run the pipeline "
                                  "(`universal-neurons run`) or save one with save_universality_table")
+    fix = "make one with `universal-neurons flag` (or pass a CSV with columns layer,neuron)"
     if _table_format(path) == "csv":
-        table = pd.read_csv(path)
+        with reading(path, "universality table", fix):
+            table = pd.read_csv(path)
+        if not {"layer", "neuron"} <= set(table.columns):
+            raise InputError(f"{os.fspath(path)} is not a universality table: it has no 'layer' and 'neuron' columns "
+                             f"(it has {list(table.columns)[:8]}); {fix}")
         if os.path.exists(_sidecar(path)):
             table.attrs["provenance"] = read_json(_sidecar(path), what="universality table provenance")
         return table
     import h5py
 
-    with h5py.File(path, "r") as f:
+    with reading(path, "universality table", fix), h5py.File(path, "r") as f:
         columns = from_json(f.attrs["columns"])
         data = {}
         for column in columns:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from universal_neurons.artifacts import atomic_path
+from universal_neurons.artifacts import atomic_path, reading
 from universal_neurons.errors import ConfigError, InputError, InputNotFoundError
 from universal_neurons.runtime import from_json, to_json
 
@@ -138,7 +138,8 @@ class CorrelationResult:
         if not os.path.exists(path):
             raise InputNotFoundError(f"no correlation result at {os.fspath(path)!r}; "
                                      "run correlate(...).save(path) first")
-        with h5py.File(path, "r") as f:
+        with reading(path, "correlation result", "recompute it with `universal-neurons correlate`"), \
+                h5py.File(path, "r") as f:
             prov = from_json(f.attrs["provenance"])
             if prov.get("artefact") not in (None, "correlation"):
                 raise InputError(f"{os.fspath(path)!r} holds a {prov.get('artefact')!r}, not a correlation result")
