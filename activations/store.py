@@ -28,9 +28,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from universal_neurons.artifacts import exists_message
+from universal_neurons.artifacts import check_writable, exists_message
 from universal_neurons.config import Config
-from universal_neurons.errors import OutputExistsError, UniversalNeuronsError
+from universal_neurons.errors import ConfigError, DiskSpaceError, OutputExistsError, UniversalNeuronsError
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, progress, provenance_base, to_json
 
 from .models import LoadedModel, hook_name, mlp_activations
@@ -39,6 +39,7 @@ from .tokens import TokenSet
 __all__ = [
     "STORE_KIND",
     "check_compatible",
+    "check_space",
     "StoreConfig",
     "cache_activations",
     "preflight_cache",
@@ -179,6 +180,21 @@ def preflight_cache(lm_or_provenance, token_set: TokenSet, config: StoreConfig =
         out["bytes_free"] = int(shutil.disk_usage(parent).free)
         out["fits"] = out["bytes_free"] >= nbytes
     return out
+
+
+def check_space(plan: dict[str, Any], path: str | os.PathLike, config: StoreConfig) -> None:
+    """Refuse, before any work, a store that cannot fit in its folder's free space
+    (uncompressed stores only: a compressed size is not known in advance).
+
+    Raises:
+        DiskSpaceError: naming the bytes needed and free.
+    """
+    if plan.get("fits") is False and config.compression is None:
+        gib = 2**30
+        raise DiskSpaceError(
+            f"the store at {path} needs {plan['bytes'] / gib:.2f} GiB but only {plan['bytes_free'] / gib:.2f} GiB "
+            "are free there; free some space, choose another -o, or cache fewer tokens (--n-tokens when "
+            "tokenizing) or layers")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -332,9 +348,11 @@ def cache_activations(
     hooks = [hook_name(layer, k) for layer in layers for k in config.kinds]
     if batch_rows is None:
         batch_rows = _default_batch_rows(lm, token_set, len(hooks))
-    if not isinstance(batch_rows, int) or batch_rows < 1:
-        raise UniversalNeuronsError(f"batch_rows must be a positive integer, got {batch_rows!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ConfigError(f"batch_rows must be a positive integer, got {batch_rows!r}; fix --batch-rows")
+    check_writable(path, overwrite=True)  # the folder exists and is writable (existing files are handled below)
+    if not partial.exists():  # a partial already holds its space (every chunk is allocated when it is made)
+        check_space(preflight_cache(lm, token_set, config, path=path), path, config)
     with _writer_lock(path):
         if path.exists():
             head = _read_head(path)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     ConfigError,
     CorruptFileError,
+    DiskSpaceError,
     IncompatibleInputsError,
     InputError,
     InputNotFoundError,
@@ -71,6 +72,7 @@ __all__ = [
     "IncompatibleInputsError",
     "ModelUnavailableError",
     "CorruptFileError",
+    "DiskSpaceError",
     *_EXPORTS,
 ]
 

@@ -16,6 +16,7 @@ __all__ = [
     "IncompatibleInputsError",
     "ModelUnavailableError",
     "CorruptFileError",
+    "DiskSpaceError",
 ]
 
 
@@ -52,3 +53,7 @@ class ModelUnavailableError(UniversalNeuronsError, OSError):
 class CorruptFileError(UniversalNeuronsError, OSError):
     """A file's stored checksum does not match its data (bit rot, a bad copy, a truncated
     write): its numbers cannot be trusted. The message names the file and what to redo."""
+
+
+class DiskSpaceError(UniversalNeuronsError, OSError):
+    """The planned output does not fit in the free space of its folder (checked before any work)."""
