@@ -36,6 +36,8 @@ ABLATION_FLAGS = (
 )
 PROPERTIES_FLAGS = (
     Flag("batch_rows", "--batch-rows", "token rows per forward pass / store read for activation moments"),
+    Flag("family_rule", "--family-rule", "families by the paper's fixed cuts, or by quantiles of this model's "
+         "neurons (docs/method.md §7)", choices=("paper", "quantile")),
 )
 CORRELATION_FLAGS = (
     Flag("baseline", "--baseline", "chance baseline", choices=("rotation", "gaussian", "permutation", "none")),

@@ -114,6 +114,10 @@ NOT_FLAGS: dict[str, str] = {
     "PipelineConfig.cluster": "the command's --cluster",
     "PropertiesConfig.device": "the command's --device",
     "PropertiesConfig.prediction_kurtosis": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.partition_var": "a family cut (docs/method.md §7); the Python API changes it",
+    "PropertiesConfig.entropy_l2_penalty": "a family cut, model-dependent (docs/method.md §7); the Python API "
+                                           "changes it",
+    "PropertiesConfig.entropy_vocab_var": "a family cut (docs/method.md §7); the Python API changes it",
     "PropertiesConfig.partition_quantile": "a family cut (docs/method.md §7); the Python API changes it",
     "PropertiesConfig.entropy_layers": "a family cut (docs/method.md §7); the Python API changes it",
     "PropertiesConfig.entropy_l2_quantile": "a family cut (docs/method.md §7); the Python API changes it",

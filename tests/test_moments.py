@@ -33,3 +33,19 @@ def test_order_one_keeps_the_mean_only_and_lower_orders_are_refused():
         Moments(3, order=2).merge(Moments.of_batch(x, order=1))
     with pytest.raises(IncompatibleInputsError, match="columns"):
         Moments(2).merge(Moments.of_batch(x))
+
+
+def test_streaming_kurtosis_is_raw_like_scipy_fisher_false():
+    from scipy import stats
+
+    from universal_neurons.moments import StreamingMoments
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.standard_normal((5001, 2)), rng.standard_t(5, (5001, 2))], axis=1) * 0.1 + 1e3
+    acc = StreamingMoments(4)
+    for a in range(0, len(x), 1024):
+        acc.update(torch.from_numpy(x[a:a + 1024]))
+    r = acc.result()
+    np.testing.assert_allclose(r["kurt"], stats.kurtosis(x, axis=0, fisher=False, bias=True), rtol=1e-7)
+    np.testing.assert_allclose(r["skew"], stats.skew(x, axis=0, bias=True), rtol=1e-5, atol=1e-9)
+    assert np.all(np.abs(r["kurt"][:2] - 3.0) < 0.3)  # a Gaussian has 3 (raw), not 0 (excess)

@@ -10,6 +10,9 @@ each about its own mean, combine into those of their union. No large raw power s
 subtracted, so a neuron whose mean is 10^4 times its spread loses nothing, and shards merged
 in token order equal one pass over all tokens up to float64 rounding.
 
+`StreamingMoments.result` is the one place skew and kurtosis are defined: skew `mean(z^3)`,
+kurtosis *raw* `mean(z^4)` (a Gaussian has 3), the paper's convention (docs/method.md §7).
+
     acc = Moments(n_units, order=2)
     for x in batches:                       # x: [token, unit]
         acc.merge(Moments.of_batch(x, order=2))
@@ -195,8 +198,11 @@ class Moments:
 
 
 class StreamingMoments(Moments):
-    """Exact mean, variance, skew and excess kurtosis per column, merged batch by batch, and
+    """Exact mean, variance, skew and raw kurtosis per column, merged batch by batch, and
     the fraction of positive values (a neuron's activation frequency).
+
+    Kurtosis is *raw*, `mean(z^4)` (a Gaussian has 3), the convention of Gurnee et al. (2024)
+    and of their released tables; see `result`.
 
     Order-4 `Moments` (kept on the CPU) plus the count of positive values. Each batch's
     central sums are computed two-pass in float64, then merged in with Pébay's formulas.
@@ -247,10 +253,11 @@ class StreamingMoments(Moments):
     def result(self) -> dict[str, Any]:
         """The statistics, with scipy's conventions.
 
-        var = M2/n (population); skew = sqrt(n) M3 / M2^1.5 (`scipy.stats.skew(bias=True)`);
-        kurt = n M4 / M2^2 - 3 (`scipy.stats.kurtosis(fisher=True, bias=True)`, excess);
-        frequency = fraction > 0. Zero (or, like scipy, float-rounding-level) variance gives NaN
-        skew and kurt.
+        var = M2/n (population); skew = sqrt(n) M3 / M2^1.5 = mean(z^3)
+        (`scipy.stats.skew(bias=True)`); kurt = n M4 / M2^2 = mean(z^4), *raw* kurtosis, a
+        Gaussian has 3 (`scipy.stats.kurtosis(fisher=False, bias=True)`; subtract 3 for the
+        excess kurtosis scipy reports by default); frequency = fraction > 0. Zero (or, like
+        scipy, float-rounding-level) variance gives NaN skew and kurt.
 
         Returns:
             `{count, mean, var, skew, kurt, frequency}`, each `[neuron]` (count is an int).
@@ -267,6 +274,6 @@ class StreamingMoments(Moments):
         const = var <= (np.finfo(np.float64).resolution * mean) ** 2  # scipy's test for constant data
         with np.errstate(divide="ignore", invalid="ignore"):
             skew = np.where(const, np.nan, np.sqrt(n) * m3 / m2 ** 1.5)
-            kurt = np.where(const, np.nan, n * m4 / m2 ** 2 - 3.0)
+            kurt = np.where(const, np.nan, n * m4 / m2 ** 2)  # raw: no - 3
         return {"count": self.n, "mean": mean.copy(), "var": var, "skew": skew, "kurt": kurt,
                 "frequency": self.positive.cpu().numpy() / n}

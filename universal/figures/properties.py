@@ -29,7 +29,8 @@ def fig_property_comparison(table: pd.DataFrame, props: pd.DataFrame, *, compari
                             properties: Sequence[str] | None = None, cols: int = 5) -> go.Figure:
     """Small multiples, one per neuron property: box (5th-95th percentile whiskers) of universal
     neurons vs all others. With `comparison` (the `property_comparison.csv` table), each panel's
-    title carries the Mann-Whitney p-value.
+    title carries the Mann-Whitney p-value. The `*_kurt` panels are raw kurtosis (a Gaussian has 3),
+    the convention of the properties table and of the paper.
 
     Args:
         table: the universality table (`layer, neuron, is_universal`).
@@ -71,7 +72,8 @@ def fig_property_comparison(table: pd.DataFrame, props: pd.DataFrame, *, compari
                 continue
             fig.add_trace(quantile_box([name], [quantiles(merged.loc[mask, prop])], name, color, showlegend=k == 0,
                                legendgroup=name), row=row, col=col)
-    finish(fig, "Neuron properties: universal vs other neurons (boxes: quartiles; whiskers: 5th-95th percentile)",
+    finish(fig, "Neuron properties: universal vs other neurons (boxes: quartiles; whiskers: 5th-95th percentile; "
+                "kurtosis raw, a Gaussian has 3)",
             230 * rows + 100, margin=dict(l=40, r=20, t=110, b=30))
     fig.update_xaxes(showticklabels=False)
     fig.update_annotations(font_size=12)

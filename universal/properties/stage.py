@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -16,14 +17,13 @@ from universal_neurons.errors import ConfigError, IncompatibleInputsError, Input
 from universal_neurons.runtime import provenance_base
 
 from .activations import activation_moments
-from .config import PropertiesConfig
-from .families import classify_families, compare_universal
+from .config import CONVENTIONS, PropertiesConfig
+from .families import classify_families, compare_universal, family_cuts
 from .weights import weight_properties
 
 __all__ = ["neuron_properties", "save_properties", "load_properties", "properties_stage"]
 
-CONVENTIONS = ("var: population; skew: scipy.stats.skew(bias=True); kurt: scipy.stats.kurtosis("
-               "fisher=True, bias=True) (excess); activation_frequency: fraction of pre > 0")
+log = logging.getLogger(__name__)
 
 
 def neuron_properties(
@@ -41,11 +41,12 @@ def neuron_properties(
         token_set: activation moments live over these rows when no `store` is given.
         store: activation moments from a store holding hook_pre and hook_post (preferred when
             given); neither `store` nor `token_set`: weight columns only.
-        config: thresholds and batch sizes.
+        config: family rule and cuts, batch sizes.
         model_provenance: recorded instead of `lm.provenance` (e.g. the run's, with its checkpoint).
 
     Returns:
-        DataFrame `[layer*d_mlp rows]`, provenance in `df.attrs['provenance']`.
+        DataFrame `[layer*d_mlp rows]`, provenance in `df.attrs['provenance']`, with the moment
+        `conventions` (`kurt`: raw, a Gaussian has 3) and the `families` rules in words.
 
     Raises:
         IncompatibleInputsError: the activations cover other neurons than `lm` has.
@@ -67,7 +68,8 @@ def neuron_properties(
         **provenance_base("neuron_properties"),
         "model": prov, "weight_processing": prov.get("weight_processing"), "config": config.to_dict(),
         "moments": None if moments is None else {k: v for k, v in moments.items() if k != "model"},
-        "conventions": CONVENTIONS,
+        "conventions": dict(CONVENTIONS),
+        "families": family_cuts(config),
     }
     return df
 
@@ -110,6 +112,10 @@ def load_properties(path: str | os.PathLike) -> pd.DataFrame:
     df = pd.read_csv(path)
     if _sidecar(path).exists():
         df.attrs["provenance"] = read_json(_sidecar(path), what="properties provenance")
+        conventions = df.attrs["provenance"].get("conventions")
+        if isinstance(conventions, str) and "excess" in conventions:  # written before kurtosis became raw
+            log.warning("%s holds excess kurtosis (a Gaussian has 0), not the raw kurtosis (Gaussian 3) of "
+                        "current tables and of the paper; add 3 to its *_kurt columns or recompute it", path)
     return df
 
 
@@ -131,13 +137,15 @@ def properties_stage(*, config: PropertiesConfig = PropertiesConfig(), source: s
     (+ `.json`).
 
     Args:
-        config: thresholds and batch sizes.
+        config: family rule and cuts, batch sizes.
         source: 'auto', 'store' or 'live'.
         overwrite: replace the tables of an earlier run (else they are refused before any work).
 
     Returns:
         The stage: `result -> {"properties": {n_neurons, n_tokens, moment_source, families,
-        medians, files}}`, where `medians[prop] = {universal, other, p_value, rank_biserial}`.
+        family_rules, conventions, medians, files}}`, where `families` counts the neurons of each
+        family, `family_rules` is `family_cuts(config)`, `conventions` the moment conventions
+        (kurtosis raw) and `medians[prop] = {universal, other, p_value, rank_biserial}`.
 
     Raises:
         ConfigError: an unknown `source`.
@@ -178,6 +186,7 @@ def properties_stage(*, config: PropertiesConfig = PropertiesConfig(), source: s
         return {"properties": {
             "n_neurons": int(len(props)), "n_tokens": moments.get("n_tokens"), "moment_source": moments.get("source"),
             "families": {k: int(v) for k, v in props["family"].value_counts().items()},
+            "family_rules": family_cuts(config), "conventions": dict(CONVENTIONS),
             "medians": med,
             "files": {"properties": str(props_path), "comparison": str(comp_path)},
         }}

@@ -138,7 +138,8 @@ def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFra
                 "test. The paper finds universal neurons to have <b>larger weight norms</b>, <b>more negative "
                 "input bias</b>, <b>higher skew and kurtosis</b> of activations and <b>lower activation "
                 "frequency</b>. Moments (pre_*) are of the pre-activation; vocab_* are moments over the "
-                "vocabulary of cos(w_out, W_U).",
+                "vocabulary of cos(w_out, W_U). Kurtosis (*_kurt) is <b>raw</b>, mean(z<sup>4</sup>): a Gaussian "
+                "has 3, as in the paper's tables." + _family_note(summary),
                 names, html=stage_table(property_comparison, "Comparison per property")))
         except UniversalNeuronsError as err:
             log.warning("report: properties left out: %s", err)
@@ -171,6 +172,17 @@ def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFra
                                   "Everything this report was computed from, so a result can be traced and "
                                   "reproduced.", html=_provenance_html(summary)))
     return sections, figs
+
+
+def _family_note(summary: dict) -> str:
+    """The family rules of the properties stage in a sentence (empty when the run has none)."""
+    rules = (summary.get("properties") or {}).get("family_rules")
+    if not isinstance(rules, dict):
+        return ""
+    parts = [f"{name}: {escape(str(rules[name]))}" for name in ("prediction", "suppression", "partition", "entropy")
+             if name in rules]
+    return (f" The neuron table's family comes from weights alone ({escape(str(rules.get('rule', '')))} rule): "
+            + "; ".join(parts) + ".")
 
 
 def _neuron_table(table: pd.DataFrame, props: pd.DataFrame | None) -> tuple[pd.DataFrame, str]:
