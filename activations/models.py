@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
-from universal_neurons.errors import UniversalNeuronsError
+from universal_neurons.errors import IncompatibleInputsError, UniversalNeuronsError
 from universal_neurons.runtime import hub_reachable, package_versions, pick_device
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "load_from_provenance",
     "hook_name",
     "parse_hook_name",
+    "check_hook_names",
     "mlp_activations",
     "mlp_weights",
     "run_with_post_hooks",
@@ -115,6 +116,33 @@ def parse_hook_name(name: str) -> tuple[int, HookKind]:
             f"{name!r} is not an MLP neuron hook; expected 'blocks.<layer>.mlp.hook_post' or '...hook_pre'"
         )
     return int(parts[1]), parts[3][len("hook_"):]  # type: ignore[return-value]
+
+
+def check_hook_names(lm: LoadedModel, names: Sequence[str]) -> None:
+    """Refuse hook names the model does not have, before a forward pass.
+
+    A name that attaches to nothing must never run as an unhooked pass (an ablation would
+    read as a change of 0). Checked against the bridge's `hook_dict`, aliases included: with
+    `process_weights=False` `blocks.{l}.mlp.hook_post` is an alias of `blocks.{l}.mlp.out.hook_in`.
+
+    Raises:
+        IncompatibleInputsError: a name the model's `hook_dict` lacks.
+    """
+    have = lm.model.hook_dict
+    missing = sorted({n for n in names if n not in have})
+    if missing:
+        raise IncompatibleInputsError(
+            f"{lm.name} has no hook point {', '.join(missing)}; it would attach to nothing and leave the forward "
+            f"pass unchanged. Its MLP neurons are hooked at {hook_name(0)} .. {hook_name(lm.n_layers - 1)}; a model "
+            "whose bridge names them otherwise is not supported")
+
+
+def _check_fired(lm: LoadedModel, wanted: set[str], fired: set[str]) -> None:
+    """Refuse a pass in which a hook that attached never ran (its output would be unhooked)."""
+    if wanted - fired:
+        raise IncompatibleInputsError(
+            f"the hook(s) {', '.join(sorted(wanted - fired))} attached to {lm.name} but never ran in the forward "
+            "pass, so nothing was read or written there; this TransformerLens version does not fire them")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -370,7 +398,7 @@ def mlp_activations(
     """
     layers = _check_layers(lm, layers)
     wanted = {hook_name(l, k) for l in layers for k in kinds}
-    last = max(wanted, key=lambda n: (parse_hook_name(n)[0], parse_hook_name(n)[1] == "post"))
+    check_hook_names(lm, sorted(wanted))
     out: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str) -> Callable:
@@ -390,9 +418,7 @@ def mlp_activations(
             lm.model(tokens, return_type=None)
     except _StopForward:
         pass
-    missing = wanted - out.keys()
-    if missing:  # pragma: no cover - a TransformerLens change would show here
-        raise RuntimeError(f"hooks {sorted(missing)} never fired (last expected {last})")
+    _check_fired(lm, wanted, set(out))
     return {n: out[n] for n in sorted(wanted, key=lambda n: parse_hook_name(n))}
 
 
@@ -403,7 +429,8 @@ def run_with_post_hooks(
 ) -> torch.Tensor:
     """Logits of a forward pass with functions applied to `blocks.{l}.mlp.hook_post`.
 
-    Hooks are scoped: they are removed when the pass ends, also after an error.
+    Hooks are scoped: they are removed when the pass ends, also after an error. Every hook
+    name is checked against the model before the pass, and every hook must have run after it.
 
     Args:
         tokens: `Int[Tensor, "batch pos"]`.
@@ -411,14 +438,31 @@ def run_with_post_hooks(
 
     Returns:
         `Float[Tensor, "batch pos d_vocab"]`.
+
+    Raises:
+        UniversalNeuronsError: a layer the model does not have.
+        IncompatibleInputsError: a hook name the model lacks, or a hook that never ran.
     """
     post_hooks = post_hooks or {}
     _check_layers(lm, list(post_hooks))
-    fwd = [(hook_name(l, "post"), (lambda f: lambda act, hook: f(act))(f)) for l, f in post_hooks.items()]
+    names = {l: hook_name(l, "post") for l in post_hooks}
+    check_hook_names(lm, list(names.values()))
+    fired: set[str] = set()
+
+    def wrap(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        def fn(act, hook):  # noqa: ARG001 - TransformerLens hook signature
+            fired.add(name)
+            return f(act)
+
+        return fn
+
+    fwd = [(names[l], wrap(names[l], f)) for l, f in post_hooks.items()]
     if tokens.device != lm.device:
         tokens = tokens.to(lm.device)
     with torch.inference_mode(), lm.model.hooks(fwd_hooks=fwd):
-        return lm.model(tokens, return_type="logits")
+        logits = lm.model(tokens, return_type="logits")
+    _check_fired(lm, set(names.values()), fired)
+    return logits
 
 
 def mlp_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:

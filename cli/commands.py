@@ -24,6 +24,9 @@ PIPELINE_FLAGS = (
     Flag("batch_rows", "--batch-rows", "token rows per forward pass / correlation batch"),
     Flag("process_weights", "--no-weight-processing",
          "raw weights (default: fold LN, centre writing weights and unembedding, as the paper)", negate=True),
+    Flag("held_out_share", "--held-out-share",
+         "share of the text's rows kept out of the study as the ablation's held-out tokens (0 = none)"),
+    Flag("held_out_tokens", "--held-out-tokens", "at most this many held-out tokens (whole rows)"),
 )
 ABLATION_FLAGS = (
     Flag("kind", "--kind", "value written into the ablated neurons", choices=("zero", "mean", "fixed")),
@@ -33,6 +36,8 @@ ABLATION_FLAGS = (
     Flag("n_bootstrap", "--bootstrap", "bootstrap replicates"),
     Flag("batch_rows", "--batch-rows", "rows per forward pass (default: automatic)"),
     Flag("per_layer", "--no-per-layer", "skip the one-layer-at-a-time groups", negate=True),
+    Flag("positions", "--positions", "where the ablated value is written: counted = the token set's masked-in "
+         "positions (not BOS, EOS, newlines), all = every position", choices=("counted", "all")),
 )
 PROPERTIES_FLAGS = (
     Flag("batch_rows", "--batch-rows", "token rows per forward pass / store read for activation moments"),
@@ -257,7 +262,8 @@ def _add_run(p):
     p.add_argument("models", nargs="+", help="hub names or model directories of one seed family, reference first")
     p.add_argument("--steps", default=None, help="also run at these checkpoint steps and measure persistence")
     p.add_argument("--ablation-tokens", default=None,
-                   help="held-out token set (.h5) for the ablation (default: the studied tokens)")
+                   help="held-out token set (.h5) for the ablation, instead of rows held out of --text (then "
+                        "--held-out-share is 0); it must not be the studied tokens")
     p.add_argument("--skip", default=None, help="comma-separated later stages to skip: properties,ablation,persistence,report")
     p.add_argument("--text", required=True, help="text file, .jsonl, folder, or hf:<dataset>")
     p.add_argument("-o", "--out", required=True, help="output directory")
@@ -271,6 +277,8 @@ def _run(a):
     from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
     cfg = _pipeline_config(a, cluster=a.cluster)
+    if a.ablation_tokens:  # the explicit held-out set replaces the rows held out of the text
+        cfg = cfg.replace(held_out_share=0.0)
     stages = _later_stages(a, steps=_ints(a.steps, "--steps") if a.steps else None, overwrite=a.overwrite)
     res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint, labels=a.labels.split(",") if a.labels else None,
                        config=cfg, overwrite=a.overwrite, extra_stages=stages)
@@ -389,7 +397,10 @@ def _add_ablate(p):
     p.add_argument("model", help="hub name or model directory (the reference model of the table)")
     p.add_argument("--table", required=True,
                    help="universality table (.csv/.h5; ablates is_universal), or a CSV of layer,neuron to ablate")
-    p.add_argument("--tokens", required=True, help="held-out token set from `universal-neurons tokenize`")
+    p.add_argument("--tokens", required=True,
+                   help="HELD-OUT token set (`universal-neurons tokenize`, or tokens_held_out.h5 of a `run`): tokens "
+                        "that did not choose the universal neurons; the result records whether they are the "
+                        "table's own, and warns if so")
     p.add_argument("-o", "--out", required=True, help="output directory")
     from universal_neurons.ablation import AblationConfig
 
@@ -418,8 +429,14 @@ def _ablate(a):
     for r in res.summary.itertuples():
         _say(f"{r.group}: {r.n_neurons} neurons, ΔCE {r.delta_ce:+.4f} [{r.delta_ce_lo:+.4f}, {r.delta_ce_hi:+.4f}], "
              f"KL {r.kl:.4f}; controls ΔCE {r.control_delta_ce_mean:+.4f} [{r.control_delta_ce_lo:+.4f}, "
-             f"{r.control_delta_ce_hi:+.4f}], ratio {r.ratio_delta_ce:.2f}, p {r.p_value:.3f}")
-    _say(f"{cfg.kind} ablation over {int(res.summary['n_tokens'].iloc[0]):,} predictions -> {out}")
+             f"{r.control_delta_ce_hi:+.4f}], ratio {r.ratio_delta_ce:.2f}; paired ΔCE {r.paired_delta_ce:+.4f} "
+             f"[{r.paired_delta_ce_lo:+.4f}, {r.paired_delta_ce_hi:+.4f}] ({r.paired_delta_ce_per_neuron:+.5f} per "
+             f"neuron), p {r.p_value:.3f} (>= {r.p_value_min:.3f})")
+    tokens = res.provenance["token_set"]
+    _say(f"{cfg.kind} ablation at {cfg.positions} positions over {int(res.summary['n_tokens'].iloc[0]):,} predictions "
+         f"of token set {tokens['hash'][:12]} ({tokens['relation_to_study']} relative to the table's) -> {out}")
+    for w in res.provenance["warnings"]:
+        _say(f"WARNING: {w}")
 
 
 # ---------------------------------------------------------------------------- properties

@@ -1,5 +1,7 @@
 """Ablation against independent references: TransformerLens' own loss on a copy of the model
-with W_out rows zeroed, a planted constant neuron, the empty set; controls, errors, CLI, stage."""
+with W_out rows zeroed (every position) and a hand-written masked hook (counted positions), a
+planted constant neuron, the empty set; controls; the statistics against a naive bootstrap and
+a planted harmful set; held-out tokens; hooks that do not attach; errors, CLI, stage."""
 
 from types import SimpleNamespace
 
@@ -19,7 +21,7 @@ from universal_neurons import (
     neuron_means,
     save_universality_table,
 )
-from universal_neurons.ablation import counted_predictions
+from universal_neurons.ablation import control_picks, counted_predictions, row_indices, token_relation
 from universal_neurons.activations import (
     StoreConfig,
     TokenSetConfig,
@@ -27,7 +29,14 @@ from universal_neurons.activations import (
     build_token_set,
     cache_activations,
     load_model,
+    mlp_activations,
+    run_with_post_hooks,
+    save_model_dir,
 )
+from universal_neurons.activations import models as models_module
+from universal_neurons.activations.tokens import build_study_and_held_out
+from universal_neurons.errors import IncompatibleInputsError, InputError
+from universal_neurons.pipeline import PipelineConfig, run_pipeline
 from universal_neurons.cli.main import main as cli
 
 TEXT = [SAMPLE_TEXT * 2, SAMPLE_TEXT.upper()]
@@ -99,7 +108,7 @@ def test_zero_ablation_equals_zeroed_w_out_rows(model_dir, lm, ts, ts_all):
         for layer, idx in neurons.items():
             _mlp(copy, layer).c_proj.weight[idx] = 0.0
     assert torch.equal(copy.model.W_out[0, 0], torch.zeros(lm.d_model))
-    cfg = AblationConfig(kind="zero", n_bootstrap=50)
+    cfg = AblationConfig(kind="zero", n_bootstrap=50, positions="all")  # zeroed rows act at every position
     with torch.no_grad():
         tl_loss = copy.model(torch.from_numpy(ts_all.ids).long(), return_type="loss").item()
     m_all = ablate(lm, neurons, ts_all, cfg)
@@ -158,6 +167,63 @@ def test_means_from_store_equal_streamed_means(lm, ts, tmp_path):
         ablation_study(lm, [(0, 1)], other, AblationConfig(**FAST), store=store)
 
 
+def test_counted_positions_write_only_where_the_mask_counts(lm, ts):
+    """The default writes the ablated value where the mask is True only; BOS, EOS and newlines keep
+    their activations. Reference: TransformerLens with a hand-written masked hook."""
+    neurons = {0: [1, 5, 9, 20], 1: [3, 7]}
+    value = 0.3
+    mask = torch.from_numpy(ts.mask)
+
+    def hook(idx):
+        def fn(act, hook):  # noqa: ARG001
+            act = act.clone()
+            for i in idx:
+                act[..., i] = torch.where(mask, torch.tensor(value, dtype=act.dtype), act[..., i])
+            return act
+        return fn
+
+    fwd = [(f"blocks.{layer}.mlp.hook_post", hook(idx)) for layer, idx in neurons.items()]
+    with torch.no_grad():
+        logits = lm.model.run_with_hooks(torch.from_numpy(ts.ids).long(), fwd_hooks=fwd, return_type="logits")
+    ref = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, torch.from_numpy(ts.ids[:, 1:, None]).long())[..., 0]
+    assert AblationConfig().positions == "counted"
+    m = ablate(lm, neurons, ts, AblationConfig(kind="fixed", value=value, n_bootstrap=50), per_token=True)
+    counted = counted_predictions(ts.mask)[:, :-1]
+    np.testing.assert_allclose(m.per_token["ce_ablated"][:, :-1][counted], ref.numpy()[counted], rtol=0, atol=1e-5)
+    assert m.provenance["positions"] == "counted" and "mask is True" in m.provenance["written_at"]
+    # writing at every position (BOS included) is another intervention, with another effect
+    everywhere = ablate(lm, neurons, ts, AblationConfig(kind="fixed", value=value, n_bootstrap=50, positions="all"))
+    assert abs(everywhere.delta_ce - m.delta_ce) > 1e-5 and everywhere.provenance["positions"] == "all"
+    # with nothing masked the two are the same intervention
+    all_in = build_token_set(TEXT, lm.tokenizer, NO_MASK)
+    a = ablate(lm, neurons, all_in, AblationConfig(kind="fixed", value=value, n_bootstrap=50))
+    b = ablate(lm, neurons, all_in, AblationConfig(kind="fixed", value=value, n_bootstrap=50, positions="all"))
+    assert a.delta_ce == b.delta_ce and a.kl == b.kl
+    with pytest.raises(UniversalNeuronsError, match="unknown positions"):
+        AblationConfig(positions="masked")
+
+
+def test_unknown_hook_name_is_an_error_not_a_zero_effect(model_dir, lm, ts, monkeypatch):
+    ids = torch.from_numpy(ts.ids[:2]).long()
+    with pytest.raises(UniversalNeuronsError, match="unknown hook kind"):
+        models_module.hook_name(0, "mid")
+    with pytest.raises(UniversalNeuronsError, match=r"layer\(s\) \[7\] do not exist"):
+        run_with_post_hooks(lm, ids, {7: lambda act: act})
+    # weight processing off: hook_post is an alias of the MLP's output-projection input, and still attaches
+    raw = load_model(model_dir, checkpoint=0, device="cpu", process_weights=False)
+    processed = ablate(lm, [(0, 1), (1, 2)], ts, AblationConfig(kind="zero", n_bootstrap=20))
+    unprocessed = ablate(raw, [(0, 1), (1, 2)], ts, AblationConfig(kind="zero", n_bootstrap=20))
+    assert unprocessed.delta_ce != 0 and unprocessed.delta_ce == pytest.approx(processed.delta_ce, abs=1e-5)
+    # a name the bridge does not have is refused, never run as an unhooked (ΔCE = 0) pass
+    real = models_module.hook_name
+    monkeypatch.setattr(models_module, "hook_name", lambda layer, kind="post": real(layer, kind) + "_typo")
+    for model in (lm, raw):
+        with pytest.raises(IncompatibleInputsError, match="no hook point blocks.0.mlp.hook_post_typo"):
+            ablate(model, [(0, 1)], ts, AblationConfig(kind="zero", n_bootstrap=20))
+        with pytest.raises(IncompatibleInputsError, match="no hook point"):
+            mlp_activations(model, ids)
+
+
 # ---------------------------------------------------------------------------- controls and the study
 
 
@@ -197,6 +263,12 @@ def test_controls_match_layer_counts_and_avoid_universal_and_dead(lm, ts, tmp_pa
         else:  # "times as harmful as random" means nothing when random ablation does no harm
             assert np.isnan(g.ratio_delta_ce)
         assert g.delta_ce_lo <= g.delta_ce <= g.delta_ce_hi and g.control_delta_ce_lo <= g.control_delta_ce_hi
+        assert g.paired_delta_ce == pytest.approx(u.delta_ce - c.mean(), abs=1e-12)
+        assert g.paired_delta_ce_lo <= g.paired_delta_ce_hi and g.p_value_min == pytest.approx(1 / 4)
+        assert g.delta_ce_per_neuron == pytest.approx(u.delta_ce / u.n_neurons)
+        assert g.paired_delta_ce_per_neuron == pytest.approx(g.paired_delta_ce / g.n_neurons)
+        assert g.control_delta_ce_per_neuron == pytest.approx(c.mean() / u.n_neurons)
+    np.testing.assert_allclose(res.runs["delta_ce_per_neuron"], res.runs["delta_ce"] / res.runs["n_neurons"])
     # the study's universal set gives what ablate() gives for it
     one = ablate(lm, universal, ts, cfg)
     assert res.runs.loc[0, "delta_ce"] == pytest.approx(one.delta_ce, abs=1e-9)
@@ -212,6 +284,80 @@ def test_controls_match_layer_counts_and_avoid_universal_and_dead(lm, ts, tmp_pa
     res.save(tmp_path / "abl", overwrite=True)
 
 
+def test_paired_interval_is_a_naive_bootstrap(lm, ts):
+    """The summary's intervals, redone by hand from the per-row values: a loop over replicates, each
+    resampling rows (the same rows for every set) and the control draws, with the documented seeds."""
+    cfg = AblationConfig(kind="zero", n_controls=7, n_bootstrap=300, seed=4, ci=0.9)
+    res = ablation_study(lm, _table(lm, [(0, 3), (0, 17), (1, 9)]), ts, cfg)
+    rs = res.row_sums
+    dce_rows = rs["ce_ablated"] - rs["ce_clean"]  # [set, row]
+    R = len(rs["n"])
+    for _, g in res.summary.iterrows():
+        runs = res.runs[res.runs.group == g.group]
+        u, ctrl = runs.index[runs.set == "universal"][0], runs.index[runs.set == "control"].to_numpy()
+        uni, ctl, paired = [], [], []
+        for b in range(cfg.n_bootstrap):
+            idx = np.random.default_rng(np.random.SeedSequence([4, 2**31 - 1, 0, b])).integers(0, R, size=R)
+            pick = np.random.default_rng(np.random.SeedSequence([4, 2**31 - 1, int(g.layer) + 2, b])).integers(0, 7, 7)
+            per_set = dce_rows[:, idx].sum(1) / rs["n"][idx].sum()
+            uni.append(per_set[u])
+            ctl.append(np.mean([per_set[ctrl[j]] for j in pick]))
+            paired.append(uni[-1] - ctl[-1])
+        for col, reps in (("delta_ce", uni), ("control_delta_ce", ctl), ("paired_delta_ce", paired)):
+            lo, hi = np.quantile(reps, [0.05, 0.95])
+            assert g[f"{col}_lo"] == pytest.approx(lo, abs=1e-12) and g[f"{col}_hi"] == pytest.approx(hi, abs=1e-12)
+        # the point estimate is on all rows, the same rows for the set and its controls
+        assert g.paired_delta_ce == pytest.approx(dce_rows[u].sum() / rs["n"].sum()
+                                                  - np.mean(dce_rows[ctrl].sum(1) / rs["n"].sum()), abs=1e-12)
+    # the helpers the package uses are these seeds
+    np.testing.assert_array_equal(row_indices(R, 4, 3),
+                                  np.random.default_rng(np.random.SeedSequence([4, 2**31 - 1, 0, 3])).integers(0, R, R))
+    assert control_picks(7, -1, 4, 5).shape == (5, 7)
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+    """The tiny seed trained briefly on the sample text (it nearly memorises it), with held-out rows of
+    that text: a model with neurons whose removal raises the loss."""
+    from transformers import GPT2LMHeadModel
+
+    tok = load_model(model_dir, checkpoint=0, device="cpu").tokenizer
+    study, held = build_study_and_held_out(TEXT, tok, TokenSetConfig(ctx_len=32), share=0.25)
+    hf = GPT2LMHeadModel.from_pretrained(model_dir / "checkpoint-0")
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(hf.parameters(), lr=1e-2)
+    ids = torch.from_numpy(study.ids).long()
+    for _ in range(150):
+        loss = hf(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = save_model_dir(hf.eval(), tok, tmp_path_factory.mktemp("trained") / "model", {"name": "trained"})
+    return load_model(path, device="cpu"), held
+
+
+def test_planted_harmful_set_is_significant_and_a_random_set_is_not(trained):
+    """With the default settings (99 controls, 1000 replicates): the six largest-norm neurons of a
+    trained model are significant at 0.05 and their paired interval excludes 0, for every seed; a
+    random set of the same size is not, and its paired interval covers 0."""
+    lm, held = trained
+    norms = lm.model.W_out.detach().norm(dim=-1).numpy().ravel()  # [layer * d_mlp]
+    top = np.argsort(norms)[::-1][:6]
+    planted = [(int(i) // lm.d_mlp, int(i) % lm.d_mlp) for i in top]
+    others = np.setdiff1d(np.arange(norms.size), top)
+    assert AblationConfig().n_controls == 99
+    for seed in range(3):
+        cfg = AblationConfig(seed=seed)
+        hit = ablation_study(lm, planted, held, cfg).summary.iloc[0]
+        assert hit.group == "all layers" and hit.n_controls == 99 and hit.p_value_min == pytest.approx(0.01)
+        assert hit.p_value <= 0.05 and hit.paired_delta_ce_lo > 0, hit.to_dict()
+        assert hit.delta_ce_per_neuron == pytest.approx(hit.delta_ce / 6)
+        draw = np.random.default_rng(100 + seed).choice(others, size=6, replace=False)
+        random_set = [(int(i) // lm.d_mlp, int(i) % lm.d_mlp) for i in draw]
+        miss = ablation_study(lm, random_set, held, cfg).summary.iloc[0]
+        assert miss.p_value > 0.05 and miss.paired_delta_ce_lo <= 0 <= miss.paired_delta_ce_hi, miss.to_dict()
+
+
 def test_per_token_file_and_neuron_list_input(lm, ts, tmp_path):
     import h5py
 
@@ -223,6 +369,76 @@ def test_per_token_file_and_neuron_list_input(lm, ts, tmp_path):
         counted = f["counted"][()]
         kl = f["kl"][()]
     np.testing.assert_allclose(np.nansum(kl, axis=(1, 2)) / counted.sum(), res.runs["kl"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- held-out tokens
+
+
+def test_held_out_token_sets_are_disjoint_rows_of_the_same_text(lm):
+    tok, cfg = lm.tokenizer, TokenSetConfig(ctx_len=32)
+    full = build_token_set(TEXT, tok, cfg)
+    study, held = build_study_and_held_out(TEXT, tok, cfg, share=0.25)
+    assert held.n_rows == int(np.ceil(0.25 * full.n_rows)) and study.n_rows == full.n_rows - held.n_rows
+    assert not set(study.source_rows) & set(held.source_rows)
+    np.testing.assert_array_equal(held.ids, full.ids[held.source_rows])  # the same rows of the same stream
+    assert study.source["held_out"]["hash"] == held.hash and held.source["held_out_from"]["hash"] == study.hash
+    # with n_tokens the studied rows are exactly build_token_set's; the held-out ones come from the rest, capped
+    cfg_n = TokenSetConfig(ctx_len=32, n_tokens=32 * 20)
+    study_n, held_n = build_study_and_held_out(TEXT, tok, cfg_n, share=0.5, max_tokens=32 * 3)
+    assert study_n.hash == build_token_set(TEXT, tok, cfg_n).hash and held_n.n_rows == 3
+    assert not set(study_n.source_rows) & set(held_n.source_rows)
+    # an explicit held-out set of an existing study set, with its own seed
+    own = build_token_set(TEXT, tok, TokenSetConfig(ctx_len=32, n_tokens=32 * 5, seed=9), held_out_from=study_n)
+    assert not set(own.source_rows) & set(study_n.source_rows) and own.source["held_out_from"]["hash"] == study_n.hash
+    with pytest.raises(IncompatibleInputsError, match="not cut from this text"):
+        build_token_set([SAMPLE_TEXT.lower() * 3], tok, cfg, held_out_from=study_n)
+    # what the result records about them
+    assert token_relation(held, study.hash)["relation_to_study"] == "held-out"
+    assert token_relation(study, study.hash)["warning"] and token_relation(study, None)["relation_to_study"] == "unknown"
+    assert token_relation(own, study.hash)["relation_to_study"] == "different"
+    # refused when no row is left to study, or none to hold out
+    with pytest.raises(InputError, match="none is left for held-out tokens"):
+        build_study_and_held_out(TEXT, tok, TokenSetConfig(ctx_len=32, n_tokens=32 * full.n_rows), share=0.1)
+
+
+def test_run_pipeline_holds_rows_out_and_ablates_there(tiny_family, tokenizer, tmp_path):
+    from universal_neurons.activations import TokenSet
+
+    text = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
+    cfg = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8, threshold=0.02)
+    assert cfg.held_out_share == 0.1  # the default: a tenth of the rows, at most 16,384 tokens
+    stage = ablation_stage(AblationConfig(kind="zero", **FAST))
+    res = run_pipeline(tiny_family, text, tmp_path / "run", config=cfg, extra_stages=[stage])
+    study, held = res.token_set, res.held_out
+    n_avail = study.source["n_rows_available"]
+    assert held.n_rows == int(np.ceil(0.1 * n_avail)) and study.n_rows + held.n_rows == n_avail
+    assert not set(study.source_rows) & set(held.source_rows)
+    assert TokenSet.load(tmp_path / "run" / "tokens_held_out.h5").hash == held.hash
+    assert res.summary["held_out_tokens"]["hash"] == held.hash
+    assert res.summary["held_out_tokens"]["disjoint_from"] == study.hash
+    abl = AblationResult.load(tmp_path / "run" / "ablation")
+    tokens = abl.provenance["token_set"]
+    assert (tokens["hash"], tokens["relation_to_study"], tokens["disjoint_from"]) == (held.hash, "held-out", study.hash)
+    assert abl.provenance["positions"] == "counted" and abl.provenance["warnings"] == []
+    head = res.summary["ablation"]
+    assert head["positions"] == "counted" and head["tokens"]["relation_to_study"] == "held-out"
+    # no held-out share: measured on the studied tokens, and the result and its summary say so loudly
+    same = run_pipeline(tiny_family, text, tmp_path / "same", config=cfg.replace(held_out_share=0.0),
+                        extra_stages=[stage])
+    assert same.held_out is None and not (tmp_path / "same" / "tokens_held_out.h5").exists()
+    assert same.summary["ablation"]["tokens"]["relation_to_study"] == "same"
+    assert "not on held-out tokens" in same.summary["ablation"]["warnings"][0]
+    # refused before any activation is cached: no row left to study, or none to hold out
+    words = SAMPLE_TEXT.split(" ")
+    one_row = next(t for t in (" ".join(words[:k]) for k in range(1, len(words)))
+                   if 31 <= len(tokenizer(t)["input_ids"]) < 62)  # one row of 1 + 31 tokens
+    with pytest.raises(InputError, match="leaves none to study"):
+        run_pipeline(tiny_family, [one_row], tmp_path / "short", config=cfg)
+    with pytest.raises(InputError, match="none is left for held-out tokens"):
+        run_pipeline(tiny_family, text, tmp_path / "all", config=cfg.replace(
+            tokens=TokenSetConfig(ctx_len=32, n_tokens=32 * n_avail)))
+    for d in ("short", "all"):
+        assert not (tmp_path / d / "stores").exists() and not (tmp_path / d / "correlation.h5").exists()
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -283,6 +499,49 @@ def test_cli_ablate(model_dir, lm, ts, tmp_path, capsys):
     assert "already holds ablation results" in capsys.readouterr().err
     assert cli(args[:-6] + ["--kind", "fixed", "-o", str(tmp_path / "o2")]) == 2
     assert "needs a finite value" in capsys.readouterr().err
+    # the table does not record its tokens here: the result says "unknown"; counted positions by default
+    res = AblationResult.load(tmp_path / "out")
+    assert res.provenance["token_set"]["relation_to_study"] == "unknown" and res.provenance["positions"] == "counted"
+    # tokens held out of the table's study set, and the study set itself (a loud warning, kept in the result)
+    study = build_token_set(TEXT, lm.tokenizer, TokenSetConfig(ctx_len=32, n_tokens=32 * 20))
+    held = build_token_set(TEXT, lm.tokenizer, TokenSetConfig(ctx_len=32, seed=3), held_out_from=study)
+    save_universality_table(_table(lm, [(0, 2), (0, 8), (1, 1)]), tmp_path / "t2.csv",
+                            provenance={"token_set": {"hash": study.hash}})
+    for name, tokens, relation in (("held", held, "held-out"), ("same", study, "same")):
+        path = tokens.save(tmp_path / f"{name}.h5")
+        assert cli(["ablate", str(model_dir), "--checkpoint", "0", "--table", str(tmp_path / "t2.csv"), "--tokens",
+                    str(path), "-o", str(tmp_path / name), "--kind", "zero", "--controls", "2", "--bootstrap", "50",
+                    "--positions", "all"]) == 0
+        out = capsys.readouterr().out
+        res = AblationResult.load(tmp_path / name)
+        assert res.provenance["token_set"]["relation_to_study"] == relation and f"({relation} relative" in out
+        assert res.provenance["positions"] == "all" and "at all positions" in out
+        assert bool(res.provenance["warnings"]) == (relation == "same") == ("WARNING" in out)
+
+
+def test_cli_held_out_flags():
+    from universal_neurons.cli import commands
+    from universal_neurons.cli.main import build_parser
+
+    a = build_parser("run").parse_args(["run", "m1", "m2", "--text", "t", "-o", "o", "--held-out-share", "0.25",
+                                        "--held-out-tokens", "4096"])
+    cfg = commands._pipeline_config(a)
+    assert (cfg.held_out_share, cfg.held_out_tokens) == (0.25, 4096)
+    with pytest.raises(UniversalNeuronsError, match="held_out_share"):
+        PipelineConfig(held_out_share=1.0)
+    ablate_help = _help_text(["ablate", "--help"])
+    assert "HELD-OUT token set" in ablate_help and "--positions {counted,all}" in ablate_help
+    assert "--held-out-share" in _help_text(["run", "--help"])
+
+
+def _help_text(argv):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        cli(argv)
+    return " ".join(buf.getvalue().split())
 
 
 def test_pipeline_stage_writes_reuses_and_refuses(lm, ts, tmp_path):

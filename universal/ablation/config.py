@@ -8,9 +8,10 @@ import numpy as np
 
 from universal_neurons.config import Config
 
-__all__ = ["ABLATION_KINDS", "AblationConfig"]
+__all__ = ["ABLATION_KINDS", "ABLATION_POSITIONS", "AblationConfig"]
 
 ABLATION_KINDS = ("zero", "mean", "fixed")
+ABLATION_POSITIONS = ("counted", "all")
 
 
 def _is_int(v: object) -> bool:
@@ -27,13 +28,15 @@ class AblationConfig(Config):
 
     kind: str = "mean"  # zero | mean | fixed; mean keeps the layer's input on-distribution (GELU means are not 0)
     value: float | None = None  # the activation written by kind='fixed' (required then, refused otherwise)
-    n_controls: int = 5  # random control sets per ablated set (p-value resolution is 1/(n_controls+1))
+    n_controls: int = 99  # random control sets per ablated set; the smallest p-value is 1/(n_controls+1) = 0.01
     seed: int = 0  # seeds the control draws and the bootstrap
     n_bootstrap: int = 1000  # bootstrap replicates (over token rows, and control draws for the control mean)
     ci: float = 0.95  # confidence level of the percentile intervals
     batch_rows: int | None = None  # rows per forward pass; None = ~128 MiB of fp32 logits per batch
     per_layer: bool = True  # also ablate the universal neurons of each layer alone, with matched controls
     controls_exclude_dead: bool = True  # dead neurons (constant activation) would make controls look harmless
+    positions: str = "counted"  # counted: write only where the token set's mask is True (where the means were
+    # taken; BOS, EOS and newlines keep their activations); all: every position
 
     def __post_init__(self) -> None:
         if self.kind not in ABLATION_KINDS:
@@ -44,6 +47,9 @@ class AblationConfig(Config):
             object.__setattr__(self, "value", float(self.value))
         elif self.value is not None:
             self.fail(f"value={self.value!r} is only used with kind='fixed'; drop it or set kind='fixed'")
+        if self.positions not in ABLATION_POSITIONS:
+            self.fail(f"unknown positions {self.positions!r}; use 'counted' (the token set's masked-in positions) "
+                      "or 'all'")
         for name, lo in (("n_controls", 0), ("n_bootstrap", 1)):
             v = getattr(self, name)
             if not _is_int(v) or v < lo:

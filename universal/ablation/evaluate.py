@@ -21,7 +21,8 @@ __all__ = ["RowSums", "Sink", "auto_batch_rows", "check_counted", "check_tokens"
 
 _LOGIT_BUDGET = 128 << 20  # bytes of fp32 logits per batch when batch_rows is automatic
 
-Hooks = dict[int, Callable[[torch.Tensor], torch.Tensor]]
+Writer = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Hooks = dict[int, Writer]
 
 
 def check_tokens(lm: LoadedModel, ts: TokenSet) -> None:
@@ -89,7 +90,8 @@ def hooks_for(s: Neurons, kind: str, value: float | None, means: np.ndarray | No
         device: where the model runs.
 
     Returns:
-        `{layer: f(act[batch, pos, d_mlp]) -> act}`.
+        `{layer: f(act, where) -> act}`: `act` is `Float[Tensor, "batch pos d_mlp"]`, `where`
+        a `Bool[Tensor, "batch pos"]` of the positions written (None = every position).
     """
     if kind == "mean" and means is None:
         raise ConfigError("kind='mean' needs the neurons' means; pass means= (see neuron_means)")
@@ -106,15 +108,26 @@ def hooks_for(s: Neurons, kind: str, value: float | None, means: np.ndarray | No
     return hooks
 
 
-def _writer(ix: torch.Tensor, values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`f(act[batch, pos, d_mlp]) -> act` with neurons `ix` set to `values`."""
+def _writer(ix: torch.Tensor, values: torch.Tensor) -> Writer:
+    """`f(act[batch, pos, d_mlp], where[batch, pos] | None) -> act` with neurons `ix` set to
+    `values` at the positions `where` (every position when None)."""
 
-    def f(act: torch.Tensor) -> torch.Tensor:
+    def f(act: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
         out = act.clone()  # never write into a tensor the model may still hold
-        out[..., ix] = values.to(act.dtype)
+        v = values.to(act.dtype)
+        if where is None:
+            out[..., ix] = v
+        else:
+            sel = out[..., ix]  # [batch, pos, k], a copy
+            out[..., ix] = torch.where(where[..., None], v, sel)
         return out
 
     return f
+
+
+def _bound(hooks: Hooks, where: torch.Tensor | None) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """The set's writers for one batch: `{layer: f(act) -> act}` writing at `where`."""
+    return {layer: (lambda f: lambda act: f(act, where))(f) for layer, f in hooks.items()}
 
 
 @dataclass
@@ -165,8 +178,8 @@ class Sink(Protocol):
 
 
 def evaluate(lm: LoadedModel, ts: TokenSet, hook_sets: Sequence[Hooks | None], *, batch_rows: int,
-             sink: Sink | None = None, desc: str = "ablation", progress_bar: bool | None = None,
-             require_counted: bool = True) -> RowSums:
+             positions: str = "counted", sink: Sink | None = None, desc: str = "ablation",
+             progress_bar: bool | None = None, require_counted: bool = True) -> RowSums:
     """Per-row sums of ablating each hook set on the rows of `ts`.
 
     One clean forward pass per batch is shared by one ablated pass per set (an empty set reuses
@@ -177,6 +190,8 @@ def evaluate(lm: LoadedModel, ts: TokenSet, hook_sets: Sequence[Hooks | None], *
         ts: the rows (a whole token set or a row shard of one).
         hook_sets: per set, `hooks_for(...)`.
         batch_rows: rows per forward pass.
+        positions: 'counted' writes the ablated value where `ts.mask` is True only, 'all' at
+            every position.
         sink: receives per-token values when given.
         desc: the progress bar's label.
         progress_bar: None follows the global switch.
@@ -200,6 +215,7 @@ def evaluate(lm: LoadedModel, ts: TokenSet, hook_sets: Sequence[Hooks | None], *
         for r0 in range(0, R, batch_rows):
             ids = torch.from_numpy(ts.ids[r0:r0 + batch_rows]).long().to(lm.device)
             counted = torch.from_numpy(counted_all[r0:r0 + batch_rows, :-1]).to(lm.device)
+            where = torch.from_numpy(ts.mask[r0:r0 + batch_rows]).to(lm.device) if positions == "counted" else None
             cw = counted.to(torch.float64)
             target = ids[:, 1:, None]
             logp = torch.log_softmax(run_with_post_hooks(lm, ids)[:, :-1].float(), dim=-1)  # [batch, pos-1, d_vocab]
@@ -211,11 +227,13 @@ def evaluate(lm: LoadedModel, ts: TokenSet, hook_sets: Sequence[Hooks | None], *
             per_tok: dict[str, list] = {"ce_ablated": [], "kl": [], "entropy_ablated": []}
             for s, hooks in enumerate(hook_sets):
                 if hooks:
-                    logq = torch.log_softmax(run_with_post_hooks(lm, ids, hooks)[:, :-1].float(), dim=-1)
+                    logq = torch.log_softmax(run_with_post_hooks(lm, ids, _bound(hooks, where))[:, :-1].float(),
+                                             dim=-1)
                     ce_a = -logq.gather(-1, target)[..., 0]
-                    kl = (p * (logp - logq)).sum(-1)
-                    ent_a = -(logq.exp() * logq).sum(-1)
-                    del logq
+                    tmp = torch.sub(logp, logq)  # in place from here: the [batch, pos, d_vocab] passes dominate
+                    kl = tmp.mul_(p).sum(-1)
+                    ent_a = -torch.exp(logq, out=tmp).mul_(logq).sum(-1)
+                    del logq, tmp
                 else:
                     ce_a, kl, ent_a = ce_c, torch.zeros_like(ce_c), ent_c
                 for name, v in (("ce_ablated", ce_a), ("kl", kl), ("entropy_ablated", ent_a)):

@@ -116,8 +116,7 @@ def split_table(table_or_neurons, lm: LoadedModel, exclude_dead: bool) -> tuple[
     return universal, pool
 
 
-def control_sets(neurons: Neurons, pool: np.ndarray, *, d_mlp: int, n_controls: int, seed: int,
-                 group: int = -1) -> list[Neurons]:
+def control_sets(neurons: Neurons, pool: np.ndarray, *, d_mlp: int, n_controls: int, seed: int) -> list[Neurons]:
     """Seeded random sets with the same number of neurons per layer as `neurons`, drawn from `pool`.
 
     Args:
@@ -126,9 +125,9 @@ def control_sets(neurons: Neurons, pool: np.ndarray, *, d_mlp: int, n_controls: 
             universal and dead neurons).
         d_mlp: neurons per layer.
         n_controls: how many sets.
-        seed: with `group`, seeds the draws: draw k of group g uses `SeedSequence([seed, g + 1, k])`,
-            so draws repeat and do not depend on which other groups were drawn.
-        group: the layer of a per-layer group, -1 for the all-layers group.
+        seed: draw k takes layer l's neurons with `default_rng(SeedSequence([seed, l + 1, k]))`, so
+            the draws repeat, and a one-layer group's draw k is the all-layers group's draw k
+            restricted to that layer (a set in one layer is then evaluated once for both).
 
     Returns:
         A list of `{layer: sorted indices}`, each disjoint from `neurons` when the pool is.
@@ -136,17 +135,19 @@ def control_sets(neurons: Neurons, pool: np.ndarray, *, d_mlp: int, n_controls: 
     Raises:
         InputError: a layer has fewer candidates in the pool than neurons to match.
     """
+    for layer, idx in neurons.items():
+        cand = np.flatnonzero(pool[layer * d_mlp:(layer + 1) * d_mlp])
+        if len(cand) < len(idx):
+            raise InputError(
+                f"layer {layer} has {len(idx)} neurons to ablate but only {len(cand)} candidates for a control "
+                "set (not ablated, not universal, not dead); ablate fewer neurons of that layer, or keep dead "
+                "neurons in the pool with AblationConfig(controls_exclude_dead=False)")
     out = []
     for k in range(n_controls):
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(group) + 1, k]))
         draw: Neurons = {}
         for layer, idx in neurons.items():
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(layer) + 1, k]))
             cand = np.flatnonzero(pool[layer * d_mlp:(layer + 1) * d_mlp])
-            if len(cand) < len(idx):
-                raise InputError(
-                    f"layer {layer} has {len(idx)} neurons to ablate but only {len(cand)} candidates for a control "
-                    "set (not ablated, not universal, not dead); ablate fewer neurons of that layer, or keep dead "
-                    "neurons in the pool with AblationConfig(controls_exclude_dead=False)")
             draw[layer] = np.sort(rng.choice(cand, size=len(idx), replace=False))
         out.append(draw)
     return out

@@ -26,10 +26,13 @@ from .evaluate import counted_predictions
 __all__ = ["RUN_COLUMNS", "SUMMARY_COLUMNS", "FILES", "AblationMetrics", "AblationResult", "MemorySink", "FileSink"]
 
 RUN_COLUMNS = ["group", "layer", "set", "draw", "n_neurons", "ce_clean", "ce_ablated", "delta_ce", "kl",
-               "delta_entropy", "n_tokens"]
+               "delta_entropy", "n_tokens", "delta_ce_per_neuron"]
 SUMMARY_COLUMNS = ["group", "layer", "n_neurons", "delta_ce", "delta_ce_lo", "delta_ce_hi", "kl", "kl_lo", "kl_hi",
                    "delta_entropy", "control_delta_ce_mean", "control_delta_ce_lo", "control_delta_ce_hi",
-                   "control_kl_mean", "ratio_delta_ce", "p_value", "n_controls", "n_tokens"]
+                   "control_kl_mean", "ratio_delta_ce", "p_value", "n_controls", "n_tokens",
+                   # added with the paired statistics; earlier columns keep their names and meaning
+                   "paired_delta_ce", "paired_delta_ce_lo", "paired_delta_ce_hi", "delta_ce_per_neuron",
+                   "control_delta_ce_per_neuron", "paired_delta_ce_per_neuron", "p_value_min"]
 FILES = ("ablation_runs.csv", "ablation_summary.csv", "ablation.json", "ablation_rows.h5")
 _PER_TOKEN_IN_MEMORY = 20_000_000  # per-token values returned in memory up to this many; beyond: a file
 
@@ -44,8 +47,10 @@ class AblationMetrics:
             predictions, nats.
         n_tokens: counted predictions.
         delta_ce_lo, delta_ce_hi, kl_lo, kl_hi: bootstrap intervals over rows.
+        delta_ce_per_neuron: `delta_ce / n_neurons` (NaN for an empty set).
         row_sums: `{name: Float[ndarray, "row"]}` sums per row, with the count `n`.
         per_token: `{name: Float[ndarray, "row pos"]}`, NaN where not counted, when asked for.
+        provenance: model, token set (and whether it is held out), positions, config.
     """
 
     n_neurons: int
@@ -59,8 +64,10 @@ class AblationMetrics:
     delta_ce_hi: float
     kl_lo: float
     kl_hi: float
+    delta_ce_per_neuron: float
     row_sums: dict[str, np.ndarray] = field(repr=False)
     per_token: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    provenance: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -73,11 +80,15 @@ class AblationResult:
         summary: one row per group (`SUMMARY_COLUMNS`): the universal set with bootstrap intervals,
             the control mean with intervals over rows and draws, `ratio_delta_ce` (universal / control
             mean; NaN unless the control mean is > 0), `p_value` = (1 + #controls with delta_ce >= universal)
-            / (1 + n_controls).
+            / (1 + n_controls) (one-sided; never below `p_value_min` = 1 / (1 + n_controls)),
+            `paired_delta_ce` = delta_ce - control_delta_ce_mean on the same rows with its bootstrap
+            interval (rows and control draws resampled jointly, `bootstrap.py`), and ΔCE per ablated
+            neuron (`*_per_neuron`: the universal set, the control mean, the paired difference).
         sets: the neurons of every run, `[{layer: [neurons]}]` in `runs` order.
         row_sums: per-row sums (`n, ce_clean, entropy_clean [row]`; `ce_ablated, kl, entropy_ablated
             [set, row]`).
-        provenance: model, checkpoint, token set, config, seeds, means source.
+        provenance: model, checkpoint, token set (`token_set.relation_to_study`: held-out, same,
+            different or unknown), `positions`, config, seeds, means source, `warnings`.
     """
 
     runs: pd.DataFrame

@@ -19,7 +19,8 @@ __all__ = ["ablation_stage"]
 log = logging.getLogger(__name__)
 
 _HEADLINE = ["group", "n_neurons", "delta_ce", "delta_ce_lo", "delta_ce_hi", "control_delta_ce_mean",
-             "ratio_delta_ce", "p_value"]
+             "ratio_delta_ce", "p_value", "paired_delta_ce", "paired_delta_ce_lo", "paired_delta_ce_hi",
+             "delta_ce_per_neuron"]
 
 
 def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: TokenSet | None = None,
@@ -27,10 +28,12 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
                    device: str | None = None) -> Callable[[Any], dict[str, Any]]:
     """A stage for `run_pipeline(extra_stages=[...])`: the ablation study of the reference model (`a`).
 
-    The model is reloaded exactly as the pipeline loaded it. It is evaluated on `eval_tokens`
-    (held-out; default the pipeline's token set). Means (kind='mean') come from the pipeline's
-    store of `a` when cached, else are streamed over the pipeline's token set, so they are never
-    estimated on the held-out tokens they are evaluated on unless no held-out set is given.
+    The model is reloaded exactly as the pipeline loaded it. It is evaluated on held-out tokens:
+    `eval_tokens` when given, else the rows `run_pipeline` held out of the study
+    (`PipelineResult.held_out`, `PipelineConfig.held_out_share`); with neither, on the studied
+    tokens themselves, with a loud warning in the log and the result. Means (kind='mean') come
+    from the pipeline's store of `a` when cached, else are streamed over the pipeline's token
+    set, so they are never estimated on the held-out tokens they are evaluated on.
 
     Writes `out_dir/<subdir>/` (`ablation_runs.csv`, `ablation_summary.csv`, `ablation.json`,
     `ablation_rows.h5`). An existing result from the same model, tokens and config is reused; one
@@ -38,13 +41,15 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
 
     Args:
         config: the study's settings.
-        eval_tokens: held-out tokens to evaluate on; None: the pipeline's token set.
+        eval_tokens: held-out tokens to evaluate on; None: the pipeline's held-out rows.
         subdir: the stage's folder inside the pipeline's output directory.
         overwrite: recompute and replace an existing result.
         device: where the model is reloaded; None picks CUDA when present.
 
     Returns:
-        `stage(result: PipelineResult) -> {"ablation": {dir, kind, groups: [headline numbers]}}`.
+        `stage(result: PipelineResult) -> {"ablation": {dir, kind, positions, tokens, warnings,
+        groups: [headline numbers]}}`; `tokens` = the evaluated token set's hash and its relation
+        to the study's (held-out, same, different).
 
     Raises:
         OutputExistsError: (from the stage) the folder holds a study of other inputs and not `overwrite`.
@@ -52,7 +57,7 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
 
     def stage(result) -> dict[str, Any]:
         prov = result.model_provenance[0]
-        ts = eval_tokens if eval_tokens is not None else result.token_set
+        ts = next(t for t in (eval_tokens, getattr(result, "held_out", None), result.token_set) if t is not None)
         out = Path(result.out_dir) / subdir
 
         def same_inputs(path: Path) -> bool:
@@ -69,13 +74,14 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
             lm.provenance.update(checkpoint=prov["checkpoint"], name=prov["name"])
         if not result.table["is_universal"].any():  # not an error of the run: report it, keep the summary
             log.warning("no universal neurons in the reference model; the ablation stage is skipped")
-            return {"ablation": {"dir": None, "kind": config.kind, "skipped": "no universal neurons", "groups": []}}
+            return {"ablation": {"dir": None, "kind": config.kind, "positions": config.positions,
+                                 "skipped": "no universal neurons", "groups": []}}
         means = None
         if config.kind == "mean":
             store_path = Path(result.out_dir) / "stores" / f"{result.labels[0]}.h5"
             means = (neuron_means(store_path, result.token_set) if store_path.exists()
                      else neuron_means(lm, result.token_set, batch_rows=min(64, config.batch_rows or 16)))
-        res = ablation_study(lm, result.table, ts, config, means=means)
+        res = ablation_study(lm, result.table, ts, config, means=means, study_hash=result.token_set.hash)
         res.provenance["means"] = f"pipeline token set {result.token_set.hash[:12]}" if means is not None else None
         res.save(out, overwrite=overwrite)
         return {"ablation": _headline(res, out)}
@@ -84,7 +90,10 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
 
 
 def _headline(res: AblationResult, out: Path) -> dict[str, Any]:
-    return {"dir": str(out), "kind": res.provenance["kind"],
+    tokens = res.provenance["token_set"]
+    return {"dir": str(out), "kind": res.provenance["kind"], "positions": res.provenance.get("positions"),
+            "tokens": {k: tokens.get(k) for k in ("hash", "n_rows", "relation_to_study", "study_hash")},
+            "warnings": res.provenance.get("warnings", []),
             "groups": [{k: _json_value(v) for k, v in r.items()} for r in res.summary[_HEADLINE].to_dict("records")]}
 
 
