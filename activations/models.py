@@ -445,7 +445,7 @@ def run_with_post_hooks(
     """
     post_hooks = post_hooks or {}
     _check_layers(lm, list(post_hooks))
-    names = {l: hook_name(l, "post") for l in post_hooks}
+    names = {layer: hook_name(layer, "post") for layer in post_hooks}
     check_hook_names(lm, list(names.values()))
     fired: set[str] = set()
 
@@ -456,7 +456,7 @@ def run_with_post_hooks(
 
         return fn
 
-    fwd = [(names[l], wrap(names[l], f)) for l, f in post_hooks.items()]
+    fwd = [(names[layer], wrap(names[layer], f)) for layer, f in post_hooks.items()]
     if tokens.device != lm.device:
         tokens = tokens.to(lm.device)
     with torch.inference_mode(), lm.model.hooks(fwd_hooks=fwd):

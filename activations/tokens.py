@@ -472,8 +472,8 @@ def _study_rows(config: TokenSetConfig, candidates: np.ndarray, outside: str = "
     n_rows = len(candidates) if config.n_tokens is None else config.n_tokens // config.ctx_len
     if n_rows > len(candidates) or n_rows == 0:
         have = len(candidates)
-        raise InputError(f"n_tokens={config.n_tokens} needs {n_rows} rows of {config.ctx_len} but the text source gives "
-                         f"only {have}{outside} ({have * config.ctx_len} tokens); pass more text or n_tokens <= "
+        raise InputError(f"n_tokens={config.n_tokens} needs {n_rows} rows of {config.ctx_len} but the text source "
+                         f"gives only {have}{outside} ({have * config.ctx_len} tokens); pass more text or n_tokens <= "
                          f"{have * config.ctx_len}")
     return _sample(candidates, n_rows, config.seed, config.shuffle)
 

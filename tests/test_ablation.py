@@ -35,9 +35,9 @@ from universal_neurons.activations import (
 )
 from universal_neurons.activations import models as models_module
 from universal_neurons.activations.tokens import build_study_and_held_out
+from universal_neurons.cli.main import main as cli
 from universal_neurons.errors import IncompatibleInputsError, InputError
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
-from universal_neurons.cli.main import main as cli
 
 TEXT = [SAMPLE_TEXT * 2, SAMPLE_TEXT.upper()]
 NO_MASK = TokenSetConfig(ctx_len=32, exclude_bos=False, exclude_special=False, exclude_newlines=False)
@@ -185,7 +185,8 @@ def test_counted_positions_write_only_where_the_mask_counts(lm, ts):
     fwd = [(f"blocks.{layer}.mlp.hook_post", hook(idx)) for layer, idx in neurons.items()]
     with torch.no_grad():
         logits = lm.model.run_with_hooks(torch.from_numpy(ts.ids).long(), fwd_hooks=fwd, return_type="logits")
-    ref = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, torch.from_numpy(ts.ids[:, 1:, None]).long())[..., 0]
+    target = torch.from_numpy(ts.ids[:, 1:, None]).long()
+    ref = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, target)[..., 0]
     assert AblationConfig().positions == "counted"
     m = ablate(lm, neurons, ts, AblationConfig(kind="fixed", value=value, n_bootstrap=50), per_token=True)
     counted = counted_predictions(ts.mask)[:, :-1]
@@ -394,7 +395,8 @@ def test_held_out_token_sets_are_disjoint_rows_of_the_same_text(lm):
         build_token_set([SAMPLE_TEXT.lower() * 3], tok, cfg, held_out_from=study_n)
     # what the result records about them
     assert token_relation(held, study.hash)["relation_to_study"] == "held-out"
-    assert token_relation(study, study.hash)["warning"] and token_relation(study, None)["relation_to_study"] == "unknown"
+    assert token_relation(study, study.hash)["warning"]
+    assert token_relation(study, None)["relation_to_study"] == "unknown"
     assert token_relation(own, study.hash)["relation_to_study"] == "different"
     # refused when no row is left to study, or none to hold out
     with pytest.raises(InputError, match="none is left for held-out tokens"):

@@ -126,6 +126,9 @@ def demo_token_sets(tokenizer=None, *, n_ctx: int = 256, eval_tokens: int = DEMO
     n_abl = min(held.n_rows - n_val - n_eval, _ABLATION_TOKENS // n_ctx)
     if n_abl > 0:
         out["ablation"] = held.select_rows(n_val + n_eval, n_val + n_eval + n_abl)
+        # recorded so that the ablation result states its tokens are held out of the studied ones
+        out["ablation"].source["held_out_from"] = {"hash": out["eval"].hash, "n_rows": out["eval"].n_rows,
+                                                   "disjoint_rows": True}
     return out
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -21,7 +22,7 @@ __all__ = ["RowSums", "Sink", "auto_batch_rows", "check_counted", "check_tokens"
 
 _LOGIT_BUDGET = 128 << 20  # bytes of fp32 logits per batch when batch_rows is automatic
 
-Writer = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Writer = Callable[..., torch.Tensor]  # f(act: [batch, pos, d_mlp], where: [batch, pos] | None) -> act
 Hooks = dict[int, Writer]
 
 
@@ -127,7 +128,7 @@ def _writer(ix: torch.Tensor, values: torch.Tensor) -> Writer:
 
 def _bound(hooks: Hooks, where: torch.Tensor | None) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
     """The set's writers for one batch: `{layer: f(act) -> act}` writing at `where`."""
-    return {layer: (lambda f: lambda act: f(act, where))(f) for layer, f in hooks.items()}
+    return {layer: functools.partial(f, where=where) for layer, f in hooks.items()}
 
 
 @dataclass

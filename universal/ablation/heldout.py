@@ -65,7 +65,7 @@ def token_relation(ts: TokenSet, study: str | None) -> dict[str, Any]:
     else:
         relation = "different"
     warning = None
-    if relation == "same":
+    if study is not None and relation == "same":
         warning = (f"the ablation is measured on the token set that chose the universal neurons ({study[:12]}), not "
                    "on held-out tokens: ΔCE there is biased towards the selection. Build held-out tokens with "
                    "build_token_set(..., held_out_from=study_tokens) or `run` (which holds rows out by default)")
