@@ -49,8 +49,8 @@ def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("agreement-family")
     res = train_family(train.ids, held.ids[-64:], tok, config=train_cfg, seeds=[0, 1, 2], family_dir=root,
                        show_progress=False)
-    return {"seeds": [r.seed_dir for r in res], "steps": train_cfg.checkpoint_steps(), "tokens": held.select_rows(0, 24),
-            "tokenizer": tok}
+    return {"seeds": [r.seed_dir for r in res], "steps": train_cfg.checkpoint_steps(),
+            "tokens": held.select_rows(0, 24), "tokenizer": tok}
 
 
 def test_a_model_against_itself_agrees_exactly(family):

@@ -176,7 +176,7 @@ def _compute(models: Sequence[Any], steps: Sequence[int | None], ts: TokenSet, *
     table, by_step = summarise(entries, n, values, config)
     provenance = {
         **provenance_base("functional_agreement"),
-        "labels": labels, "pairs": config.pairs, "steps": [e for e in dict.fromkeys(r["step"] for r in entries)],
+        "labels": labels, "pairs": config.pairs, "steps": list(dict.fromkeys(r["step"] for r in entries)),
         "models": runs, "token_set": _token_provenance(ts, tokens), "mask_policy": _mask_policy(ts),
         "config": config.to_dict(), "definitions": DEFINITIONS,
         "process_weights": process_weights,
