@@ -12,7 +12,9 @@ import pytest
 from universal_neurons import __version__
 from universal_neurons.ablation import AblationConfig
 from universal_neurons.activations import StoreConfig, TokenSetConfig
+from universal_neurons.agreement import AgreementConfig
 from universal_neurons.cli import commands
+from universal_neurons.cli.agreement import AGREEMENT_FLAGS
 from universal_neurons.cli.main import build_parser
 from universal_neurons.cli.options import NOT_FLAGS
 from universal_neurons.correlation import CorrelationConfig
@@ -25,6 +27,7 @@ FLAG_SETS = [
     (PipelineConfig, commands.PIPELINE_FLAGS),
     (AblationConfig, commands.ABLATION_FLAGS),
     (PropertiesConfig, commands.PROPERTIES_FLAGS),
+    (AgreementConfig, AGREEMENT_FLAGS),
 ]
 
 

@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
                      "fig_partner_consistency", "fig_emergence"], "figures"),
     **dict.fromkeys(["Report", "ReportSection", "load_run", "report_stage"], "report"),
     **dict.fromkeys(["PipelineConfig", "PipelineResult", "run_pipeline"], "pipeline"),
+    **dict.fromkeys(["AgreementConfig", "AgreementResult", "functional_agreement", "agreement_over_checkpoints",
+                     "agreement_stage", "fig_agreement"], "agreement"),
 }
 
 __all__ = [
