@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HookKind = Literal["post", "pre"]
+HookKind = str  # "post" (after the nonlinearity) or "pre"; checked where a hook name is made
 
 TRAINING_RECORD = "universal_neurons.json"  # written next to the weights of toolkit-trained models
 
@@ -115,7 +115,7 @@ def parse_hook_name(name: str) -> tuple[int, HookKind]:
         raise UniversalNeuronsError(
             f"{name!r} is not an MLP neuron hook; expected 'blocks.<layer>.mlp.hook_post' or '...hook_pre'"
         )
-    return int(parts[1]), parts[3][len("hook_"):]  # type: ignore[return-value]
+    return int(parts[1]), parts[3][len("hook_"):]
 
 
 def check_hook_names(lm: LoadedModel, names: Sequence[str]) -> None:
@@ -286,7 +286,7 @@ def load_model(
         "weight_processing": processing,
         "n_layers": int(cfg.n_layers),
         "d_model": int(cfg.d_model),
-        "d_mlp": int(cfg.d_mlp),
+        "d_mlp": int(cfg.d_mlp or 4 * cfg.d_model),  # TransformerLens' default when a config leaves it unset
         "d_vocab": int(cfg.d_vocab),
         "n_ctx": int(cfg.n_ctx),
         "act_fn": getattr(cfg, "act_fn", None),

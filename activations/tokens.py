@@ -5,7 +5,7 @@ tokenizer and joined with the end-of-text separator *kept* between them (Transfo
 `tokenize_and_concatenate` deletes it for GPT-2); the joined stream is cut into rows of
 `[BOS] + ctx_len - 1` stream tokens; the incomplete tail is dropped, nothing is padded.
 A seeded random subset of rows is kept. Positions that no statistic should count (BOS,
-EOS/pad, newline tokens) are marked in a mask, never deleted (METHOD.md section 2).
+EOS/pad, newline tokens) are marked in a mask, never deleted (docs/method.md §2).
 """
 
 from __future__ import annotations

@@ -138,7 +138,10 @@ def _add_tokenize(p):
 @command("tokenize", "build a token set (ids, mask, hash) from text with a model's tokenizer")(_add_tokenize)
 def _tokenize(a):
     from universal_neurons.activations import build_token_set, load_model
+    from universal_neurons.artifacts import check_not_input, check_writable
 
+    check_not_input(a.out, [a.source])
+    check_writable(a.out, overwrite=a.overwrite)  # before the model loads and the text is read
     lm = load_model(a.model, device="cpu")
     ts = build_token_set(a.source, lm.tokenizer, _token_config(a))
     path = ts.save(a.out, overwrite=a.overwrite)
@@ -164,7 +167,11 @@ def _add_cache(p):
 @command("cache", "run a model over a token set and stream its MLP activations to HDF5 (resumable)")(_add_cache)
 def _cache(a):
     from universal_neurons.activations import cache_activations, load_model, load_token_set, preflight_cache
+    from universal_neurons.activations.store import check_space
+    from universal_neurons.artifacts import check_not_input, check_writable
 
+    check_not_input(a.out, [a.tokens])
+    check_writable(a.out, overwrite=True)  # an existing store is resumed or refused by cache_activations
     ts = load_token_set(a.tokens)
     cfg = _store_config(a)
     if a.cluster:  # shards cached by the workers, stitched into one store at --out
@@ -175,8 +182,9 @@ def _cache(a):
         _say(f"activations of {a.model} (cluster {a.cluster}) -> {path}")
         return
     lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
-    pf = preflight_cache(lm, ts, cfg)
+    pf = preflight_cache(lm, ts, cfg, path=a.out)
     _say("preflight: " + ", ".join(f"{k}={v}" for k, v in pf.items() if not isinstance(v, (list, dict))))
+    check_space(pf, a.out, cfg)
     path = cache_activations(lm, ts, a.out, config=cfg, batch_rows=a.batch_rows, overwrite=a.overwrite)
     _say(f"activations of {lm.name} -> {path}")
 

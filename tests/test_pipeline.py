@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from universal_neurons.activations import StoreConfig, TokenSetConfig, UniversalNeuronsError
-from universal_neurons.cli.main import main as cli
 from tests.conftest import SAMPLE_TEXT
 from universal_neurons import CorrelationConfig, load_universality_table
+from universal_neurons.activations import StoreConfig, TokenSetConfig, UniversalNeuronsError
+from universal_neurons.cli.main import main as cli
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
 TEXT = [SAMPLE_TEXT * 3, SAMPLE_TEXT[::-1] * 2, SAMPLE_TEXT.upper() * 2]
