@@ -1,7 +1,9 @@
 """The caching layer: models in, tokens in, HDF5 activations out.
 
     models.py   the one module that touches TransformerLens: loading, hook names, forward passes
-    tokens.py   token sets: text in, rows of ids with BOS, a mask and a content hash out
+    tokens.py   token sets: their config, the set itself (ids, mask, content hash), load/save
+    text.py     reading text: files, folders, strings, a Hugging Face dataset (UTF-8 checked)
+    build.py    building token sets: tokenise, join with EOS, cut rows with BOS, sample, mask
     store.py    caching: a model and a token set in, one HDF5 activation store out (resumable)
     reader.py   reading a store lazily, every chunk checked against its checksum
     sources.py  token-aligned batches of a family for the correlation engine (stores or live models)
@@ -10,9 +12,11 @@
 from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.runtime import pick_device, set_progress
 
+from .build import build_study_and_held_out, build_token_set
 from .models import (
     GPT2Config,
     LoadedModel,
+    check_hook_names,
     hook_name,
     init_gpt2,
     list_checkpoints,
@@ -27,7 +31,8 @@ from .models import (
 from .reader import ActivationStore, CheckedDataset
 from .sources import AlignedSource, LiveSource, iter_aligned
 from .store import StoreConfig, cache_activations, preflight_cache, store_filename
-from .tokens import TokenSet, TokenSetConfig, build_token_set, load_token_set
+from .text import read_documents
+from .tokens import TokenSet, TokenSetConfig, load_token_set
 
 __all__ = [
     "UniversalNeuronsError",
@@ -48,6 +53,9 @@ __all__ = [
     "TokenSet",
     "TokenSetConfig",
     "build_token_set",
+    "build_study_and_held_out",
+    "read_documents",
+    "check_hook_names",
     "load_token_set",
     "StoreConfig",
     "cache_activations",

@@ -368,8 +368,8 @@ class _StopForward(Exception):
 def _check_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(lm.n_layers))
-    out = [int(l) for l in layers]
-    bad = [l for l in out if not 0 <= l < lm.n_layers]
+    out = [int(layer) for layer in layers]
+    bad = [layer for layer in out if not 0 <= layer < lm.n_layers]
     if bad:
         raise UniversalNeuronsError(
             f"layer(s) {bad} do not exist in {lm.name}, which has layers 0..{lm.n_layers - 1}"
@@ -397,7 +397,7 @@ def mlp_activations(
         `{hook_name: Float[Tensor, "batch pos d_mlp"]}` on the model's device.
     """
     layers = _check_layers(lm, layers)
-    wanted = {hook_name(l, k) for l in layers for k in kinds}
+    wanted = {hook_name(layer, k) for layer in layers for k in kinds}
     check_hook_names(lm, sorted(wanted))
     out: dict[str, torch.Tensor] = {}
 

@@ -38,7 +38,7 @@ def command(name: str, help: str):
 def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     """The argument parser. `command` names the one subcommand whose options are built
     (`"*"`: all of them; `None`: none, which is all `--help` needs and keeps it free of torch)."""
-    from . import agreement, commands, explain  # noqa: F401  (registers the subcommands)
+    from . import agreement, commands, explain, family, stages  # noqa: F401  (registers the subcommands)
 
     p = argparse.ArgumentParser(
         prog="universal-neurons",
@@ -58,7 +58,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
 
 def _command_in(argv: list[str]) -> str | None:
     """The subcommand `argv` names (the first word that is one), or None."""
-    from . import agreement, commands, explain  # noqa: F401
+    from . import agreement, commands, explain, family, stages  # noqa: F401
 
     return next((a for a in argv if a in _COMMANDS), None)
 

@@ -34,7 +34,7 @@ from universal_neurons.activations import (
     save_model_dir,
 )
 from universal_neurons.activations import models as models_module
-from universal_neurons.activations.tokens import build_study_and_held_out
+from universal_neurons.activations.build import build_study_and_held_out
 from universal_neurons.cli.main import main as cli
 from universal_neurons.errors import IncompatibleInputsError, InputError
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
@@ -522,12 +522,12 @@ def test_cli_ablate(model_dir, lm, ts, tmp_path, capsys):
 
 
 def test_cli_held_out_flags():
-    from universal_neurons.cli import commands
+    from universal_neurons.cli import flags
     from universal_neurons.cli.main import build_parser
 
     a = build_parser("run").parse_args(["run", "m1", "m2", "--text", "t", "-o", "o", "--held-out-share", "0.25",
                                         "--held-out-tokens", "4096"])
-    cfg = commands._pipeline_config(a)
+    cfg = flags.pipeline_config(a)
     assert (cfg.held_out_share, cfg.held_out_tokens) == (0.25, 4096)
     with pytest.raises(UniversalNeuronsError, match="held_out_share"):
         PipelineConfig(held_out_share=1.0)

@@ -13,7 +13,7 @@ from universal_neurons import __version__
 from universal_neurons.ablation import AblationConfig
 from universal_neurons.activations import StoreConfig, TokenSetConfig
 from universal_neurons.agreement import AgreementConfig
-from universal_neurons.cli import commands
+from universal_neurons.cli import flags
 from universal_neurons.cli.agreement import AGREEMENT_FLAGS
 from universal_neurons.cli.main import build_parser
 from universal_neurons.cli.options import NOT_FLAGS
@@ -22,11 +22,11 @@ from universal_neurons.pipeline import PipelineConfig
 from universal_neurons.properties import PropertiesConfig
 
 FLAG_SETS = [
-    (TokenSetConfig, commands.TOKEN_FLAGS),
-    (CorrelationConfig, commands.CORRELATION_FLAGS),
-    (PipelineConfig, commands.PIPELINE_FLAGS),
-    (AblationConfig, commands.ABLATION_FLAGS),
-    (PropertiesConfig, commands.PROPERTIES_FLAGS),
+    (TokenSetConfig, flags.TOKEN_FLAGS),
+    (CorrelationConfig, flags.CORRELATION_FLAGS),
+    (PipelineConfig, flags.PIPELINE_FLAGS),
+    (AblationConfig, flags.ABLATION_FLAGS),
+    (PropertiesConfig, flags.PROPERTIES_FLAGS),
     (AgreementConfig, AGREEMENT_FLAGS),
 ]
 
@@ -48,29 +48,29 @@ def test_every_config_field_is_a_flag_or_listed_with_a_reason(cls, flags):
 
 def test_no_flags_means_the_python_defaults():
     run = _parse(["run", "m1", "m2", "--text", "t.txt", "-o", "out"])
-    assert commands._token_config(run) == TokenSetConfig()
-    assert commands._corr_config(run) == CorrelationConfig()
-    assert commands._pipeline_config(run) == PipelineConfig()
+    assert flags.token_config(run) == TokenSetConfig()
+    assert flags.correlation_config(run) == CorrelationConfig()
+    assert flags.pipeline_config(run) == PipelineConfig()
     cache = _parse(["cache", "m", "--tokens", "t.h5", "-o", "s.h5"])
-    assert commands._store_config(cache) == StoreConfig()
+    assert flags.store_config(cache) == StoreConfig()
     ablate = _parse(["ablate", "m", "--table", "t.csv", "--tokens", "t.h5", "-o", "out"])
     from universal_neurons.cli.options import config_from_args
 
-    assert config_from_args(AblationConfig, ablate, commands.ABLATION_FLAGS) == AblationConfig()
+    assert config_from_args(AblationConfig, ablate, flags.ABLATION_FLAGS) == AblationConfig()
     props = _parse(["properties", "m", "--tokens", "t.h5", "-o", "p.csv"])
-    assert config_from_args(PropertiesConfig, props, commands.PROPERTIES_FLAGS) == PropertiesConfig()
+    assert config_from_args(PropertiesConfig, props, flags.PROPERTIES_FLAGS) == PropertiesConfig()
 
 
 def test_flags_set_the_fields_they_name():
     a = _parse(["run", "m1", "m2", "--text", "t", "-o", "o", "--ctx-len", "64", "--keep-newlines", "--memory-gb",
                 "0.5", "--baseline", "gaussian", "--baseline-seed", "3", "--no-cache", "--threshold", "0.4",
                 "--no-weight-processing"])
-    assert commands._token_config(a) == TokenSetConfig(ctx_len=64, exclude_newlines=False)
-    assert commands._corr_config(a) == CorrelationConfig(memory_budget=2**29, baseline="gaussian", seed=3)
-    cfg = commands._pipeline_config(a)
+    assert flags.token_config(a) == TokenSetConfig(ctx_len=64, exclude_newlines=False)
+    assert flags.correlation_config(a) == CorrelationConfig(memory_budget=2**29, baseline="gaussian", seed=3)
+    cfg = flags.pipeline_config(a)
     assert (cfg.cache, cfg.threshold, cfg.process_weights) == (False, 0.4, False)
     s = _parse(["cache", "m", "--tokens", "t", "-o", "s", "--pre", "--fp32", "--compression", "lzf"])
-    assert commands._store_config(s) == StoreConfig(kinds=("post", "pre"), dtype="float32", compression="lzf")
+    assert flags.store_config(s) == StoreConfig(kinds=("post", "pre"), dtype="float32", compression="lzf")
 
 
 def _run(*args, **env):

@@ -26,8 +26,9 @@ from universal_neurons.activations import (  # noqa: E402
     iter_aligned,
     load_model,
 )
+from universal_neurons.activations.build import build_token_set  # noqa: E402
 from universal_neurons.activations.sources import LiveSource  # noqa: E402
-from universal_neurons.activations.tokens import TokenSetConfig, build_token_set  # noqa: E402
+from universal_neurons.activations.tokens import TokenSetConfig  # noqa: E402
 from universal_neurons.cli.main import main as cli  # noqa: E402
 from universal_neurons.distributed import (  # noqa: E402
     batch_shards,

@@ -15,10 +15,11 @@ from conftest import SAMPLE_TEXT
 
 from universal_neurons.activations import UniversalNeuronsError, load_model
 from universal_neurons.activations import store as store_module
+from universal_neurons.activations.build import build_token_set
 from universal_neurons.activations.reader import ActivationStore
 from universal_neurons.activations.sources import LiveSource, iter_aligned
 from universal_neurons.activations.store import StoreConfig, cache_activations, preflight_cache, store_filename
-from universal_neurons.activations.tokens import TokenSet, TokenSetConfig, build_token_set
+from universal_neurons.activations.tokens import TokenSet, TokenSetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = SAMPLE_TEXT.split("\n\n") * 4

@@ -8,10 +8,10 @@ import pytest
 from conftest import SAMPLE_TEXT
 
 from universal_neurons.activations import UniversalNeuronsError
+from universal_neurons.activations.build import build_token_set
 from universal_neurons.activations.tokens import (
     TokenSet,
     TokenSetConfig,
-    build_token_set,
     load_token_set,
     newline_ids,
     tokenizer_info,
@@ -37,8 +37,10 @@ def test_hand_checked_rows_mask_and_documents(tokenizer):
     np.testing.assert_array_equal(ts.ids, expect)
     np.testing.assert_array_equal(ts.doc_index[:, 1:], np.array(docs[: n_rows * 4]).reshape(n_rows, 4))
     assert (ts.doc_index[:, 0] == -1).all()
-    nl = [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]) and not tokenizer.decode([i]).strip()]
-    assert nl and set(newline_ids(tokenizer)) == set(nl)
+    # the paper's mask (the default): the ids that are exactly "\n"; "all": any whitespace with a newline
+    nl = [i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\n"]
+    nl_all = [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]) and not tokenizer.decode([i]).strip()]
+    assert nl and set(newline_ids(tokenizer)) == set(nl) and set(newline_ids(tokenizer, "all")) == set(nl_all)
     assert any(set(nl) & set(stream[: n_rows * 4]))  # the example does contain a newline and an EOS
     expect_mask = ~np.isin(expect, [eos, *nl])
     expect_mask[:, 0] = False

@@ -32,7 +32,7 @@ from universal_neurons.activations import (
     iter_aligned,
     load_model,
 )
-from universal_neurons.activations.tokens import build_study_and_held_out
+from universal_neurons.activations.build import build_study_and_held_out
 from universal_neurons.artifacts import check_not_input, check_writable, reuse_or_refuse, write_json
 from universal_neurons.config import Config
 from universal_neurons.errors import ConfigError, IncompatibleInputsError
