@@ -39,7 +39,7 @@ from .features import CLASS_DEFINITIONS, FeatureSet, build_features, token_class
 from .result import Explanations
 from .selection import NeuronGroup, default_groups, group_of, table_labels, units_of
 from .source import Batch, LiveModelSource, StoreSource, Unit
-from .stage import explain, explain_run, explain_stage, load_models
+from .stage import explain, explain_run, explain_stage, load_models, summarise
 from .storage import EXPLANATIONS_DIR, FILES, ExplanationData, explanation_data, load_explanations, save_explanations
 from .variance import assign_families, best_features, eta_squared, family_scores, variance_reduction
 from .view import NeuronExplanation
@@ -57,5 +57,5 @@ __all__ = [
     "Explanations", "ExplanationData", "explanation_data", "save_explanations", "load_explanations",
     "EXPLANATIONS_DIR", "FILES",
     "NeuronExplanation",
-    "explain_run", "explain_stage", "explain", "load_models",
+    "explain_run", "explain_stage", "explain", "load_models", "summarise",
 ]

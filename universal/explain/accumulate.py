@@ -75,15 +75,20 @@ class MainPartial:
 
     def __init__(self, n_units: int, *, vocab: int, ctx_len: int, k: int, bits: int, histogram: bool,
                  device: torch.device | str = "cpu") -> None:
-        f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
+        def f64(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        def i64(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.int64, device=device)
+
         self.bits, self.k, self.vocab, self.n = bits, k, vocab, 0
-        self.top = torch.full((k, n_units), EMPTY_DESC, **i64)
+        self.top = torch.full((k, n_units), EMPTY_DESC, dtype=torch.int64, device=device)
         self.hist = torch.zeros(n_units, _BINS, dtype=torch.int32, device=device) if histogram else None
         self.moments = Moments(n_units, order=2, device=device)
         self.shift: torch.Tensor | None = None
-        self.count_cur, self.sum_cur = torch.zeros(vocab, **i64), torch.zeros(vocab, n_units, **f64)
-        self.count_prev, self.sum_prev = torch.zeros(vocab + 1, **i64), torch.zeros(vocab + 1, n_units, **f64)
-        self.count_pos, self.sum_pos = torch.zeros(ctx_len, **i64), torch.zeros(ctx_len, n_units, **f64)
+        self.count_cur, self.sum_cur = i64(vocab), f64(vocab, n_units)
+        self.count_prev, self.sum_prev = i64(vocab + 1), f64(vocab + 1, n_units)
+        self.count_pos, self.sum_pos = i64(ctx_len), f64(ctx_len, n_units)
 
     @property
     def n_units(self) -> int:

@@ -49,7 +49,7 @@ def unit_bytes(vocab: int, ctx_len: int, config: ExplainConfig, bits: int) -> in
     tokens = config.batch_rows * ctx_len
     q = len(config.quantiles)
     hist = 2**DIGIT * 4 if q else 0
-    pass1 = 8 * (2 * vocab + 1 + ctx_len) + 8 * config.k + hist + tokens * 56  # sums, top-k, histogram, batch
+    pass1 = 8 * (2 * vocab + 1 + ctx_len) + 8 * config.k + hist + tokens * 96  # sums, top-k, histogram, batch
     refine = q * 2**DIGIT * 4 + tokens * q * 17 if (q and bits == 32) else 0
     examples = 8 * q * config.quantile_examples + tokens * q * 17
     return max(pass1, refine, examples)
@@ -106,15 +106,15 @@ def _examples(main: MainPartial, ex: ExamplesPartial | None, config: ExplainConf
               bits: int) -> list[tuple[int, str, int, int, float]]:
     """`(block column, kind, rank, token, value)` of every example of a block."""
     out = []
-    vk, idx = split_desc(main.top)
-    val, idx = as_numpy(key_values(vk, bits)), as_numpy(idx)
+    vk, top_idx = split_desc(main.top)
+    val, idx = as_numpy(key_values(vk, bits)), as_numpy(top_idx)
     for j in range(main.n_units):
         for r in range(config.k):
             if idx[r, j] >= 0:
                 out.append((j, "top", r, int(idx[r, j]), float(val[r, j])))
     if ex is not None:
-        vk2, idx2 = split_asc(ex.low)
-        val2, idx2 = as_numpy(key_values(vk2, bits)), as_numpy(idx2)
+        vk2, low_idx = split_asc(ex.low)
+        val2, idx2 = as_numpy(key_values(vk2, bits)), as_numpy(low_idx)
         for j in range(main.n_units):
             for qi, q in enumerate(config.quantiles):
                 for r in range(ex.m):

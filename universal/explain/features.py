@@ -43,6 +43,14 @@ def _other_punct(w: str) -> bool:
     return _punct(w) and not (set(w) <= _OPEN or set(w) <= _CLOSE or set(w) <= _QUOTES or w == "," or set(w) <= {"."})
 
 
+def _pronoun(words: set[str]) -> Callable[[str, str], bool]:
+    return lambda s, w: w.lower() in words
+
+
+def _letter(c: str) -> Callable[[str, str], bool]:
+    return lambda s, w: w[:1].lower() == c
+
+
 # name -> (definition, predicate on (decoded text s, stripped text w)); the special-token class is added by id
 _CLASSES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
     "leading_space": ("the token's text starts with a space", lambda s, w: s[:1] == " "),
@@ -63,11 +71,11 @@ _CLASSES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
                           lambda s, w: _other_punct(w)),
     "whitespace": ("only whitespace", lambda s, w: s != "" and s.isspace()),
     "newline": ("contains a newline", lambda s, w: "\n" in s),
-    **{f"pronoun_{k}": (f"a {k.replace('_', ' ')} pronoun ({', '.join(sorted(v))})",
-                        lambda s, w, v=v: w.lower() in v) for k, v in _PRONOUNS.items()},
+    **{f"pronoun_{k}": (f"a {k.replace('_', ' ')} pronoun ({', '.join(sorted(v))})", _pronoun(v))
+       for k, v in _PRONOUNS.items()},
 }
-_ALPHABET = {f"letter_{c}": (f"starts (after spaces) with the letter {c} or {c.upper()}",
-                             lambda s, w, c=c: w[:1].lower() == c) for c in string.ascii_lowercase}
+_ALPHABET = {f"letter_{c}": (f"starts (after spaces) with the letter {c} or {c.upper()}", _letter(c))
+             for c in string.ascii_lowercase}
 _SEQUENCE = {"start_of_document": "the previous token is BOS/EOS (a document starts here)",
              "after_newline": "the previous token contains a newline"}
 

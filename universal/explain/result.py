@@ -83,10 +83,7 @@ class Explanations:
         rows = []
         keys = self.features.table["key"].to_numpy()
         names = self.features.table["name"].to_numpy()
-        top = {}
-        for u, kind, rank, _, value in self.examples:
-            if kind == "top" and rank == 0:
-                top[u] = value
+        top = {unit: value for unit, kind, rank, _, value in self.examples if kind == "top" and rank == 0}
         for i, u in enumerate(self.units):
             g = self.groups[int(self.home[i])]
             ref = g.reference
