@@ -336,7 +336,7 @@ def test_files_round_trip_and_views(family, explained, tmp_path):
     text = str(view)
     top = data.examples.query("unit == 0 and kind == 'top'").iloc[0]
     marked = TEXTS[family["ts"].ids.reshape(-1)[top["token"]]].replace("\n", "\u23ce")
-    assert f"[[{marked}]]" in text and "a:0.1" in text and "q0.5" in text.replace("quantile ", "q")
+    assert f"[[{marked}]]" in text and "a:0.1" in text and "at quantile 0.5 of a" in text
     page = view.html()
     assert page.startswith("<!DOCTYPE html>") and "http" not in page and "<script" not in page
     assert view._repr_html_().count('class="tok focus"') == 2 * (CFG.k + len(CFG.quantiles) * CFG.quantile_examples)

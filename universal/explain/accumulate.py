@@ -203,6 +203,7 @@ class RefinePartial:
                        + torch.arange(q, device=high.device).unsqueeze(0)) * _BINS)  # [unit, q]
 
     def update(self, batch: Batch, vocab: int) -> None:
+        """Fold in the counted tokens of one batch."""
         a = counted(batch, vocab)[0]
         if len(a) == 0:
             return
@@ -212,6 +213,7 @@ class RefinePartial:
         self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
     def merge(self, other: "RefinePartial") -> "RefinePartial":
+        """Add another shard's histograms (in place; returns self)."""
         self.hist += other.hist.to(self.hist.device)
         return self
 
@@ -235,6 +237,7 @@ class ExamplesPartial:
         self.low = torch.full((m, q, n), EMPTY_ASC, dtype=torch.int64, device=thresholds.device)
 
     def update(self, batch: Batch, vocab: int) -> None:
+        """Fold in the counted tokens of one batch."""
         a, t = counted(batch, vocab)[:2]
         if len(a) == 0 or self.m == 0:
             return
@@ -245,6 +248,7 @@ class ExamplesPartial:
         self.low = top_merge(self.low, cand, self.m, largest=False)
 
     def merge(self, other: "ExamplesPartial") -> "ExamplesPartial":
+        """Keep the smallest keys of both shards (in place; returns self)."""
         self.low = top_merge(self.low, other.low.to(self.low.device), self.m, largest=False)
         return self
 

@@ -228,11 +228,13 @@ class LiveModelSource:
                 raise InputError(f"neuron {u} does not exist in {lm.name} ({lm.n_layers} layers x {lm.d_mlp})")
 
     def describe(self) -> dict[str, Any]:
+        """What the provenance records: the models' provenance and the token set."""
         return {"kind": "live", "token_set_hash": self.token_set_hash, "n_tokens": self.n_tokens,
                 "ctx_len": self.ctx_len,
                 "models": {lab: lm.provenance for lab, lm in self.models.items()}}
 
     def _acts(self, ids: np.ndarray, plan, n_units: int) -> np.ndarray:
+        """`[token, unit]` float32 activations of rows `ids`, each model run once for its layers."""
         toks = torch.from_numpy(ids).long()
         out = np.empty((ids.size, n_units), np.float32)
         layers: dict[str, list[int]] = {}
@@ -248,6 +250,7 @@ class LiveModelSource:
 
     def batches(self, units: Sequence[Unit], *, rows: tuple[int, int] | None = None, batch_rows: int = 32,
                 device: torch.device | None = None) -> Iterator[Batch]:
+        """Batches of `batch_rows` rows over `rows = (r0, r1)` (default all), in order."""
         r0, r1 = rows if rows is not None else (0, self.n_rows)
         plan, dev = _by_hook(units), device or torch.device("cpu")
         for a in range(r0, r1, batch_rows):
@@ -258,6 +261,7 @@ class LiveModelSource:
                         torch.from_numpy(self.token_set.mask[a:b].copy()).to(dev), torch.from_numpy(acts).to(dev))
 
     def read_rows(self, rows: np.ndarray, units: Sequence[Unit]) -> tuple[np.ndarray, np.ndarray]:
+        """Whole rows (`StoreSource.read_rows`), computed again by the models."""
         ids = self.token_set.ids[np.asarray(rows, np.int64)]
         acts = self._acts(ids, _by_hook(units), len(units)) if len(rows) else np.empty((0, len(units)), np.float32)
         return ids.astype(np.int64), acts.reshape(len(rows), self.ctx_len, len(units))
