@@ -178,7 +178,7 @@ def _run(a):
     say(f"results -> {res.out_dir}" + (f"; report -> {res.summary['report']}" if "report" in res.summary else ""))
 
 
-LATER_STAGES = ("properties", "ablation", "persistence", "agreement", "report")  # in the order they run
+LATER_STAGES = ("properties", "ablation", "persistence", "agreement", "explanations", "report")  # in run order
 
 
 def _later_stages(a, *, steps, overwrite: bool) -> list:
@@ -206,6 +206,10 @@ def _later_stages(a, *, steps, overwrite: bool) -> list:
         stages.append(persistence_stage(steps=steps))
     if "agreement" not in skip:  # on the held-out rows; at every checkpoint of --steps
         stages.append(agreement_stage(tokens=held, steps=steps, overwrite=overwrite, device=a.device))
+    if "explanations" not in skip:
+        from universal_neurons.explain import explain_stage
+
+        stages.append(explain_stage(overwrite=overwrite))
     if "report" not in skip:
         stages.append(report_stage)
     return stages

@@ -16,6 +16,15 @@ EXPLAIN_FLAGS = (
     Flag("batch_rows", "--batch-rows", "token rows per batch"),
     Flag("memory_budget", "--memory-gb", "accumulator budget in GiB; above it, blocks of neurons", type=float,
          to_field=lambda gib: int(gib * 2**30), from_field=lambda b: b / 2**30),
+    Flag("quantile_examples", "--quantile-examples", "examples stored at each activation quantile"),
+    Flag("context_before", "--context-before", "tokens of context before each example"),
+    Flag("context_after", "--context-after", "tokens of context after each example"),
+    Flag("best_features", "--best-features", "best features kept per neuron"),
+    Flag("vocab_tokens", "--vocab-tokens", "top promoted and suppressed vocabulary tokens per neuron"),
+    Flag("unigram_vr", "--unigram-vr", "unigram family: share of variance the best current-token feature explains"),
+    Flag("alphabet_vr", "--alphabet-vr", "alphabet family: share of variance of the best first-letter feature"),
+    Flag("previous_vr", "--previous-vr", "previous-token family: share of variance of the best previous-token feature"),
+    Flag("position_vr", "--position-vr", "position family: share of variance of the position"),
 )
 
 

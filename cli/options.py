@@ -124,6 +124,9 @@ NOT_FLAGS: dict[str, str] = {
     "PropertiesConfig.entropy_vocab_var_quantile": "a family cut (docs/method.md §7); the Python API changes it",
     "PropertiesConfig.vocab_dtype": "float32 (1e-7 from float64); the Python API changes it",
     "PropertiesConfig.vocab_chunk": "memory of the vocabulary GEMM; the Python API changes it",
+    "ExplainConfig.quantiles": "a list of quantiles; the Python API changes it",
+    "ExplainConfig.position_edges": "a list of positions; the Python API changes it",
+    "ExplainConfig.device": "the command's --device",
     "AblationConfig.ci": "95% intervals; the Python API changes the level",
     "AblationConfig.controls_exclude_dead": "dead neurons would make controls look harmless; the Python API changes it",
 }

@@ -15,6 +15,8 @@ from universal_neurons.activations import StoreConfig, TokenSetConfig
 from universal_neurons.agreement import AgreementConfig
 from universal_neurons.cli import flags
 from universal_neurons.cli.agreement import AGREEMENT_FLAGS
+from universal_neurons.cli.explain import EXPLAIN_FLAGS
+from universal_neurons.explain import ExplainConfig
 from universal_neurons.cli.main import build_parser
 from universal_neurons.cli.options import NOT_FLAGS
 from universal_neurons.correlation import CorrelationConfig
@@ -28,6 +30,7 @@ FLAG_SETS = [
     (AblationConfig, flags.ABLATION_FLAGS),
     (PropertiesConfig, flags.PROPERTIES_FLAGS),
     (AgreementConfig, AGREEMENT_FLAGS),
+    (ExplainConfig, EXPLAIN_FLAGS),
 ]
 
 
