@@ -209,7 +209,7 @@ def _later_stages(a, *, steps, overwrite: bool) -> list:
     if "explanations" not in skip:
         from universal_neurons.explain import explain_stage
 
-        stages.append(explain_stage(overwrite=overwrite))
+        stages.append(explain_stage())  # derived from the run's own outputs, rewritten like the report
     if "report" not in skip:
         stages.append(report_stage)
     return stages
