@@ -1,16 +1,20 @@
-"""Models in: the one module that touches TransformerLens loading and hook naming.
+"""Models in: the one module that touches TransformerLens loading.
 
-Everything else in the toolkit receives a `LoadedModel` and hook names from here.
-A model spec is one of
+Everything else in the toolkit receives a `LoadedModel` from here (hook names and forward
+passes: `hooks.py`; making and saving models: `architecture.py`). A model spec is one of
 
 - a TransformerLens / Hugging Face hub name (`stanford-gpt2-small-a`, `pythia-160m-seed1`,
-  `gpt2`), optionally at a training `checkpoint` step;
+  `EleutherAI/pythia-160m`, `gpt2`), optionally at a training `checkpoint` step: the hub
+  revision `checkpoint-{step}` for the Stanford CRFM seeds, `step{step}` for Pythia;
 - a local model directory as `save_pretrained` writes it (config, weights, tokenizer),
   including the ones this toolkit saves for its own trained seed families;
 - a local family directory holding `checkpoint-{step}` sub-directories, loaded at
   `checkpoint=step` exactly like a hub model at a checkpoint.
 
-Local directories load with no network at all.
+`check_available` says, in milliseconds and with no download, whether a spec can be loaded
+here; stages that load several models check every one of them before loading the first.
+Local directories load with no network at all; hub weights load from the local Hugging Face
+cache when they are there (`HF_HUB_OFFLINE=1` then suffices), else from the hub.
 """
 
 from __future__ import annotations
@@ -21,37 +25,43 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
-from universal_neurons.errors import IncompatibleInputsError, UniversalNeuronsError
+from universal_neurons.errors import (
+    ConfigError,
+    InputError,
+    InputNotFoundError,
+    ModelUnavailableError,
+)
 from universal_neurons.runtime import hub_reachable, package_versions, pick_device
+
+from .architecture import TRAINING_RECORD, checkpoint_dir, list_checkpoints
 
 __all__ = [
     "LoadedModel",
-    "GPT2Config",
+    "ModelLocation",
+    "check_available",
     "load_model",
     "load_from_provenance",
-    "hook_name",
-    "parse_hook_name",
-    "check_hook_names",
-    "mlp_activations",
-    "mlp_weights",
-    "run_with_post_hooks",
-    "init_gpt2",
-    "save_model_dir",
-    "checkpoint_dir",
-    "list_checkpoints",
+    "hub_name",
 ]
 
 log = logging.getLogger(__name__)
 
-HookKind = str  # "post" (after the nonlinearity) or "pre"; checked where a hook name is made
-
-TRAINING_RECORD = "universal_neurons.json"  # written next to the weights of toolkit-trained models
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A model directory (or hub snapshot) is complete with a config, one of these weight files
+# (an index names its shards, which must be there too) and one of these tokenizer vocabularies
+# (tokenizer_config.json alone builds no tokenizer).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+# The hub's revision naming of training checkpoints, per repository prefix (as TransformerLens
+# resolves `checkpoint_value`).
+_CHECKPOINT_REVISIONS = {"stanford-crfm/": "checkpoint-{step}", "EleutherAI/pythia": "step{step}"}
 
 
 @dataclass
@@ -97,70 +107,86 @@ class LoadedModel:
         return str(self.provenance.get("name"))
 
 
-# ---------------------------------------------------------------------------- hook names
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model spec's weights are, as `check_available` found them.
+
+    Attributes:
+        spec: the name or directory as given.
+        source: `"local"` or `"hub"`.
+        resolved: the model directory (the checkpoint's sub-directory included), or the
+            canonical hub repository (`stanford-crfm/alias-gpt2-small-x21`).
+        checkpoint: the training step asked for, or None (final weights).
+        revision: the hub revision of that step (`checkpoint-400000`, `step1000`); None for
+            a local directory or the default branch.
+    """
+
+    spec: str
+    source: str
+    resolved: str
+    checkpoint: int | None = None
+    revision: str | None = None
 
 
-def hook_name(layer: int, kind: HookKind = "post") -> str:
-    """`blocks.{layer}.mlp.hook_{kind}`: the activation after (`post`) or before (`pre`)
-    the MLP nonlinearity."""
-    if kind not in ("post", "pre"):
-        raise UniversalNeuronsError(f"unknown hook kind {kind!r}; use 'post' or 'pre'")
-    return f"blocks.{int(layer)}.mlp.hook_{kind}"
+# ---------------------------------------------------------------------------- availability
 
 
-def parse_hook_name(name: str) -> tuple[int, HookKind]:
-    """Inverse of `hook_name`: `'blocks.3.mlp.hook_post'` -> `(3, 'post')`."""
-    parts = name.split(".")
-    if len(parts) != 4 or parts[0] != "blocks" or parts[2] != "mlp" or parts[3] not in ("hook_post", "hook_pre"):
-        raise UniversalNeuronsError(
-            f"{name!r} is not an MLP neuron hook; expected 'blocks.<layer>.mlp.hook_post' or '...hook_pre'"
-        )
-    return int(parts[1]), parts[3][len("hook_"):]
+def check_available(spec: str | os.PathLike, checkpoint: int | None = None) -> ModelLocation:
+    """Refuse, before any work, a model (or checkpoint) that cannot be loaded here.
 
+    Reads file listings only: nothing is loaded or downloaded. A local directory must exist,
+    hold the checkpoint's `checkpoint-{step}/` sub-directory when a step is named, and hold
+    a config, weights and tokenizer files. A hub name must resolve to a repository (aliases
+    such as `stanford-gpt2-small-a` through TransformerLens' registry), a step must be one
+    of its family's published checkpoints, and its config, weights and tokenizer at that
+    revision must be in the local Hugging Face cache, or else the hub must be reachable and
+    have them.
 
-def check_hook_names(lm: LoadedModel, names: Sequence[str]) -> None:
-    """Refuse hook names the model does not have, before a forward pass.
+    Args:
+        spec: hub name or local directory.
+        checkpoint: training step, or None for the final weights.
 
-    A name that attaches to nothing must never run as an unhooked pass (an ablation would
-    read as a change of 0). Checked against the bridge's `hook_dict`, aliases included: with
-    `process_weights=False` `blocks.{l}.mlp.hook_post` is an alias of `blocks.{l}.mlp.out.hook_in`.
+    Returns:
+        Where the weights are (`ModelLocation`); `load_model` loads from there.
 
     Raises:
-        IncompatibleInputsError: a name the model's `hook_dict` lacks.
+        InputNotFoundError: a local directory or checkpoint sub-directory that does not exist.
+        InputError: a local directory without weights or tokenizer files.
+        ConfigError: a checkpoint the hub family does not publish, or a checkpoint for a hub
+            model without published checkpoints.
+        ModelUnavailableError: hub files neither cached nor reachable, or not on the hub.
     """
-    have = lm.model.hook_dict
-    missing = sorted({n for n in names if n not in have})
+    spec_str = os.fspath(spec)
+    local = Path(spec_str).expanduser()
+    if local.exists():
+        path = _resolve_local(local, checkpoint)
+        _check_model_files(path)
+        return ModelLocation(spec_str, "local", str(path.resolve()), checkpoint, None)
+    if _looks_like_path(spec_str):
+        raise InputNotFoundError(
+            f"model directory {spec_str} does not exist; pass an existing model directory (what `save_pretrained` "
+            "writes) or a hub name such as stanford-gpt2-small-a")
+    repo = hub_name(spec_str)
+    revision = _hub_revision(repo, checkpoint)
+    missing = _not_cached(spec_str, repo, revision)
     if missing:
-        raise IncompatibleInputsError(
-            f"{lm.name} has no hook point {', '.join(missing)}; it would attach to nothing and leave the forward "
-            f"pass unchanged. Its MLP neurons are hooked at {hook_name(0)} .. {hook_name(lm.n_layers - 1)}; a model "
-            "whose bridge names them otherwise is not supported")
+        if not hub_reachable():
+            _refuse_uncached(spec_str, repo, revision, missing)
+        _check_on_hub(spec_str, repo, revision)
+    return ModelLocation(spec_str, "hub", repo, checkpoint, revision)
 
 
-def _check_fired(lm: LoadedModel, wanted: set[str], fired: set[str]) -> None:
-    """Refuse a pass in which a hook that attached never ran (its output would be unhooked)."""
-    if wanted - fired:
-        raise IncompatibleInputsError(
-            f"the hook(s) {', '.join(sorted(wanted - fired))} attached to {lm.name} but never ran in the forward "
-            "pass, so nothing was read or written there; this TransformerLens version does not fire them")
+def hub_name(spec: str) -> str:
+    """The canonical hub repository of a name: TransformerLens aliases resolved
+    (`stanford-gpt2-small-a` -> `stanford-crfm/alias-gpt2-small-x21`), other names unchanged."""
+    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
+
+    return resolve_model_alias(spec) or spec
 
 
-# ---------------------------------------------------------------------------- loading
-
-
-def checkpoint_dir(family_dir: str | os.PathLike, step: int) -> Path:
-    """Where a locally trained seed keeps checkpoint `step` (mirrors the hub's `checkpoint-{step}`)."""
-    return Path(family_dir) / f"checkpoint-{int(step)}"
-
-
-def list_checkpoints(model_dir: str | os.PathLike) -> list[int]:
-    """Checkpoint steps saved under a local model directory, ascending."""
-    steps = []
-    for p in Path(model_dir).glob("checkpoint-*"):
-        suffix = p.name[len("checkpoint-"):]
-        if suffix.isdigit() and (p / "config.json").exists():
-            steps.append(int(suffix))
-    return sorted(steps)
+def _looks_like_path(spec: str) -> bool:
+    """A spec meant as a directory: `./x`, `~/x`, `/x`, `a/b/c` (a hub name has at most one `/`)."""
+    return spec.startswith((".", "~", os.sep)) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
 
 
 def _resolve_local(path: Path, checkpoint: int | None) -> Path:
@@ -168,7 +194,7 @@ def _resolve_local(path: Path, checkpoint: int | None) -> Path:
         sub = checkpoint_dir(path, checkpoint)
         if not sub.is_dir():
             have = list_checkpoints(path)
-            raise UniversalNeuronsError(
+            raise InputNotFoundError(
                 f"{path} has no checkpoint {checkpoint}; it has {have or 'none'}. "
                 "Pass one of those steps, or omit the checkpoint to load the final weights."
             )
@@ -177,36 +203,124 @@ def _resolve_local(path: Path, checkpoint: int | None) -> Path:
         have = list_checkpoints(path)
         if have:  # a seed directory of checkpoints: its final weights are the last step
             return checkpoint_dir(path, have[-1])
-        raise UniversalNeuronsError(
+        raise InputError(
             f"{path} is not a model directory (no config.json, no checkpoint-<step>/). A model directory is what "
             "`save_pretrained` writes: config.json, weights and tokenizer files."
         )
     return path
 
 
-def _hub_name(spec: str) -> str:
-    from transformer_lens.tools.model_registry.registry_io import resolve_model_alias
-
-    return resolve_model_alias(spec) or spec
-
-
-def _check_hub_reachable(repo: str, revision: str | None) -> None:
-    """Fail fast, with the fix, when hub weights are neither cached nor downloadable."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
-        return
-    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
-    if isinstance(cached, str):
-        return
-    if not hub_reachable():
-        rev = f" --revision {revision}" if revision else ""
-        raise UniversalNeuronsError(
-            f"the weights of {repo}{' at ' + revision if revision else ''} are not in the local "
-            "Hugging Face cache and the hub cannot be reached from this machine. On a machine "
-            f"with network run `huggingface-cli download {repo}{rev}` (then copy the cache), or "
-            "pass a local model directory instead of a hub name."
+def _check_model_files(path: Path) -> None:
+    """Refuse a local model directory without weights (or their shards) or tokenizer files."""
+    weights = next((w for w in WEIGHT_FILES if (path / w).is_file()), None)
+    if weights is None:
+        raise InputError(
+            f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); save the model with "
+            "`model.save_pretrained(dir)`, or copy its weight files there")
+    lacking = [s for s in _shards(path / weights) if not (path / s).is_file()]
+    if lacking:
+        raise InputError(f"{path} lacks weight shard(s) {', '.join(lacking)} named by {weights}; copy the whole "
+                         "model directory")
+    if not any((path / n).exists() for n in TOKENIZER_FILES):
+        raise InputError(
+            f"{path} has weights but no tokenizer files; TransformerLens would load an empty "
+            "tokenizer. Save the tokenizer next to the weights (`tokenizer.save_pretrained(dir)`)."
         )
+
+
+def _shards(weights: Path) -> list[str]:
+    """The shard files a weight index (`*.index.json`) names; none for a single weight file."""
+    if not weights.name.endswith(".index.json"):
+        return []
+    try:
+        return sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise InputError(f"{weights} is not a readable weight index ({e}); download the model again") from e
+
+
+def _hub_revision(repo: str, checkpoint: int | None) -> str | None:
+    """The hub revision of a training step, checked against the family's published steps."""
+    if checkpoint is None:
+        return None
+    fmt = next((f for prefix, f in _CHECKPOINT_REVISIONS.items() if repo.startswith(prefix)), None)
+    if fmt is None:
+        raise ConfigError(
+            f"{repo} has no training checkpoints this toolkit knows how to name (hub families with checkpoints: "
+            "the Stanford CRFM GPT-2 seeds, Pythia); omit the checkpoint to load its final weights, or pass a "
+            "local seed directory holding checkpoint-<step>/ sub-directories")
+    from transformer_lens.tools.model_registry.checkpoints import get_checkpoint_labels
+
+    steps, _ = get_checkpoint_labels(repo)
+    if int(checkpoint) not in steps:
+        nearest = sorted(sorted(steps, key=lambda s: (abs(s - int(checkpoint)), s))[:2])
+        raise ConfigError(
+            f"{repo} has no checkpoint {checkpoint}: its {len(steps)} published steps run from {steps[0]} to "
+            f"{steps[-1]}; the nearest are {' and '.join(map(str, nearest))}. Pass one of its steps.")
+    return fmt.format(step=int(checkpoint))
+
+
+def _not_cached(spec: str, repo: str, revision: str | None) -> list[str]:
+    """What of a hub model at `revision` the local Hugging Face cache lacks (empty: all there)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    def cached(filename: str) -> str | None:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+        return found if isinstance(found, str) else None
+
+    try:
+        missing = [] if cached("config.json") else ["config.json"]
+        weights = next((w for w in WEIGHT_FILES if cached(w)), None)
+        if weights is None:
+            missing.append("weights")
+        else:
+            missing += [s for s in _shards(Path(str(cached(weights)))) if not cached(s)]
+        if not any(cached(t) for t in TOKENIZER_FILES):
+            missing.append("tokenizer files")
+    except HFValidationError as e:
+        raise ConfigError(f"{spec!r} is neither an existing directory nor a valid hub name ({e}); pass a model "
+                          "directory, or a hub name such as stanford-gpt2-small-a or EleutherAI/pythia-160m") from e
+    return missing
+
+
+def _at(repo: str, revision: str | None) -> str:
+    return f"{repo} at revision {revision}" if revision else repo
+
+
+def _refuse_uncached(spec: str, repo: str, revision: str | None, missing: list[str]) -> None:
+    from huggingface_hub import constants
+
+    rev = f" --revision {revision}" if revision else ""
+    raise ModelUnavailableError(
+        f"model {spec!r}: the local Hugging Face cache ({constants.HF_HUB_CACHE}) lacks the {', '.join(missing)} "
+        f"of {_at(repo, revision)}, and the hub cannot be reached from this machine. On a machine with network run `hf download {repo}{rev}` (`huggingface-cli download` in older "
+        "huggingface_hub versions) and copy the cache here (set HF_HUB_CACHE or HF_HOME to where it is), or pass "
+        "a local model directory instead of a hub name.")
+
+
+def _check_on_hub(spec: str, repo: str, revision: str | None) -> None:
+    """Refuse a repository or revision the (reachable) hub does not have; a failed check is
+    left to the download to report."""
+    from huggingface_hub import file_exists
+    from huggingface_hub.errors import GatedRepoError
+
+    try:
+        found = file_exists(repo, "config.json", revision=revision)
+    except GatedRepoError as e:
+        raise ModelUnavailableError(
+            f"model {spec!r}: {repo} is gated on the hub; accept its terms on huggingface.co and log in "
+            "(`hf auth login`, or set HF_TOKEN)") from e
+    except Exception as e:  # noqa: BLE001 - a flaky connection must not block a load that may work
+        log.warning("could not check %s on the hub (%s); loading will tell", _at(repo, revision), e)
+        return
+    if not found:
+        raise ModelUnavailableError(
+            f"model {spec!r}: the hub has no {_at(repo, revision)} (no such repository or revision, or it is "
+            "private). Check the name: a TransformerLens alias (stanford-gpt2-small-a .. -e, pythia-160m-seed1) "
+            "or a hub repository owner/name; and the checkpoint step.")
+
+
+# ---------------------------------------------------------------------------- loading
 
 
 def load_model(
@@ -222,49 +336,46 @@ def load_model(
     Args:
         spec: hub name (`stanford-gpt2-small-a`, `EleutherAI/pythia-160m`) or local directory.
         checkpoint: training step (hub: TransformerLens `checkpoint_value`, i.e. revision
-            `checkpoint-{step}` for the Stanford seeds; local: sub-directory `checkpoint-{step}`).
+            `checkpoint-{step}` for the Stanford seeds and `step{step}` for Pythia; local:
+            sub-directory `checkpoint-{step}`).
         device: `None`/`'auto'` picks CUDA when present, else CPU.
         dtype: `float32` (default), `bfloat16` or `float16`.
         process_weights: apply the paper's (HookedTransformer's) weight processing on load:
             fold LayerNorm, centre writing weights, centre the unembedding. Neuron activations are
-            unchanged by it; weight statistics (norms, vocab composition) depend on it.
+            unchanged by it; weight statistics (norms, vocab composition) depend on it
+            (docs/method.md §1).
 
     Returns:
-        a `LoadedModel`.
+        a `LoadedModel`; its provenance records the name, the canonical repository or
+        directory (`resolved`), the checkpoint and the hub revision.
+
+    Raises:
+        UniversalNeuronsError: what `check_available` refuses; an unknown dtype; a model that
+            loads with an empty tokenizer.
+        ModelUnavailableError: hub files that fail to load.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     if dtype not in _DTYPES:
-        raise UniversalNeuronsError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     dev = pick_device(device)
-    spec_str = os.fspath(spec)
-    local = Path(spec_str).expanduser()
+    where = check_available(spec, checkpoint)
     record: dict[str, Any] = {}
-    if local.exists():
-        path = _resolve_local(local, checkpoint)
-        source = "local"
-        resolved = str(path.resolve())
-        rec_file = path / TRAINING_RECORD
-        if rec_file.exists():
-            record = json.loads(rec_file.read_text())
-        _check_tokenizer_files(path)
+    if where.source == "local":
+        path = Path(where.resolved)
+        if (path / TRAINING_RECORD).exists():
+            record = json.loads((path / TRAINING_RECORD).read_text())
         with _offline():
             bridge = TransformerBridge.boot_transformers(str(path), device=dev, dtype=_DTYPES[dtype])
-        revision = None
     else:
-        if os.sep in spec_str and not spec_str.count("/") == 1:
-            raise UniversalNeuronsError(f"model directory {spec_str} does not exist")
-        source = "hub"
-        resolved = _hub_name(spec_str)
-        revision = _hub_revision(resolved, checkpoint)
-        _check_hub_reachable(resolved, revision)
         kwargs: dict[str, Any] = {"device": dev, "dtype": _DTYPES[dtype]}
         if checkpoint is not None:
             kwargs["checkpoint_value"] = int(checkpoint)
         try:
-            bridge = TransformerBridge.boot_transformers(resolved, **kwargs)
-        except (ValueError, KeyError) as e:
-            raise UniversalNeuronsError(f"could not load {spec_str!r} at checkpoint {checkpoint}: {e}") from e
+            bridge = TransformerBridge.boot_transformers(where.resolved, **kwargs)
+        except (ValueError, KeyError, OSError) as e:
+            raise ModelUnavailableError(
+                f"could not load {where.spec!r} ({_at(where.resolved, where.revision)}): {e}") from e
     bridge.eval()
     processing = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False}
     if process_weights:
@@ -272,17 +383,17 @@ def load_model(
         processing = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True}
     tokenizer = bridge.tokenizer
     if tokenizer is None or len(tokenizer("Hello world")["input_ids"]) == 0:
-        raise UniversalNeuronsError(
-            f"{spec_str} loaded with an empty tokenizer. Save the tokenizer next to the weights "
+        raise InputError(
+            f"{where.spec} loaded with an empty tokenizer. Save the tokenizer next to the weights "
             "(`tokenizer.save_pretrained(dir)`)."
         )
     cfg = bridge.cfg
     provenance = {
-        "name": spec_str if source == "hub" else (record.get("name") or local.name),
-        "source": source,
-        "resolved": resolved,
+        "name": where.spec if where.source == "hub" else (record.get("name") or Path(where.spec).expanduser().name),
+        "source": where.source,
+        "resolved": where.resolved,
         "checkpoint": None if checkpoint is None else int(checkpoint),
-        "revision": revision,
+        "revision": where.revision,
         "weight_processing": processing,
         "n_layers": int(cfg.n_layers),
         "d_model": int(cfg.d_model),
@@ -322,25 +433,6 @@ def load_from_provenance(provenance: dict[str, Any], *, device: str | None = Non
                       process_weights=process_weights)
 
 
-def _hub_revision(repo: str, checkpoint: int | None) -> str | None:
-    if checkpoint is None:
-        return None
-    if repo.startswith("stanford-crfm/"):
-        return f"checkpoint-{int(checkpoint)}"
-    if repo.startswith("EleutherAI/pythia"):
-        return f"step{int(checkpoint)}"
-    return None
-
-
-def _check_tokenizer_files(path: Path) -> None:
-    names = {"tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json"}
-    if not any((path / n).exists() for n in names):
-        raise UniversalNeuronsError(
-            f"{path} has weights but no tokenizer files; TransformerLens would load an empty "
-            "tokenizer. Save the tokenizer next to the weights (`tokenizer.save_pretrained(dir)`)."
-        )
-
-
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     """Local directories must never touch the network."""
@@ -355,203 +447,3 @@ def _offline() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-# ---------------------------------------------------------------------------- running
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook: the rest of the forward pass (and the unembedding)
-    is skipped. Private so a user's exception is never swallowed."""
-
-
-def _check_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(lm.n_layers))
-    out = [int(layer) for layer in layers]
-    bad = [layer for layer in out if not 0 <= layer < lm.n_layers]
-    if bad:
-        raise UniversalNeuronsError(
-            f"layer(s) {bad} do not exist in {lm.name}, which has layers 0..{lm.n_layers - 1}"
-        )
-    return sorted(set(out))
-
-
-@torch.inference_mode()
-def mlp_activations(
-    lm: LoadedModel,
-    tokens: torch.Tensor,
-    *,
-    kinds: Sequence[HookKind] = ("post",),
-    layers: Sequence[int] | None = None,
-) -> dict[str, torch.Tensor]:
-    """MLP neuron activations for a batch of token rows, skipping everything after the
-    last requested layer (no unembedding), without gradients.
-
-    Args:
-        tokens: `Int[Tensor, "batch pos"]`.
-        kinds: `'post'` (after the nonlinearity) and/or `'pre'`.
-        layers: which layers (default all).
-
-    Returns:
-        `{hook_name: Float[Tensor, "batch pos d_mlp"]}` on the model's device.
-    """
-    layers = _check_layers(lm, layers)
-    wanted = {hook_name(layer, k) for layer in layers for k in kinds}
-    check_hook_names(lm, sorted(wanted))
-    out: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str) -> Callable:
-        def fn(act, hook):  # noqa: ARG001 - TransformerLens hook signature
-            out[name] = act.detach()
-            if len(out) == len(wanted):
-                raise _StopForward
-            return act
-
-        return fn
-
-    fwd = [(n, make_hook(n)) for n in sorted(wanted)]
-    if tokens.device != lm.device:
-        tokens = tokens.to(lm.device)
-    try:
-        with lm.model.hooks(fwd_hooks=fwd):
-            lm.model(tokens, return_type=None)
-    except _StopForward:
-        pass
-    _check_fired(lm, wanted, set(out))
-    return {n: out[n] for n in sorted(wanted, key=lambda n: parse_hook_name(n))}
-
-
-def run_with_post_hooks(
-    lm: LoadedModel,
-    tokens: torch.Tensor,
-    post_hooks: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-) -> torch.Tensor:
-    """Logits of a forward pass with functions applied to `blocks.{l}.mlp.hook_post`.
-
-    Hooks are scoped: they are removed when the pass ends, also after an error. Every hook
-    name is checked against the model before the pass, and every hook must have run after it.
-
-    Args:
-        tokens: `Int[Tensor, "batch pos"]`.
-        post_hooks: `{layer: f}` with `f(act: Float[Tensor, "batch pos d_mlp"]) -> same shape`.
-
-    Returns:
-        `Float[Tensor, "batch pos d_vocab"]`.
-
-    Raises:
-        UniversalNeuronsError: a layer the model does not have.
-        IncompatibleInputsError: a hook name the model lacks, or a hook that never ran.
-    """
-    post_hooks = post_hooks or {}
-    _check_layers(lm, list(post_hooks))
-    names = {layer: hook_name(layer, "post") for layer in post_hooks}
-    check_hook_names(lm, list(names.values()))
-    fired: set[str] = set()
-
-    def wrap(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-        def fn(act, hook):  # noqa: ARG001 - TransformerLens hook signature
-            fired.add(name)
-            return f(act)
-
-        return fn
-
-    fwd = [(names[layer], wrap(names[layer], f)) for layer, f in post_hooks.items()]
-    if tokens.device != lm.device:
-        tokens = tokens.to(lm.device)
-    with torch.inference_mode(), lm.model.hooks(fwd_hooks=fwd):
-        logits = lm.model(tokens, return_type="logits")
-    _check_fired(lm, set(names.values()), fired)
-    return logits
-
-
-def mlp_weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    """The weights behind each neuron, in the loaded processing (see provenance).
-
-    Returns:
-        `W_in: [layer, d_model, d_mlp]`, `b_in: [layer, d_mlp]`,
-        `W_out: [layer, d_mlp, d_model]`, `W_U: [d_model, d_vocab]`, all float32 on CPU.
-    """
-    m = lm.model
-    with torch.no_grad():
-        return {
-            "W_in": m.W_in.detach().float().cpu(),
-            "b_in": m.b_in.detach().float().cpu(),
-            "W_out": m.W_out.detach().float().cpu(),
-            "W_U": m.W_U.detach().float().cpu(),
-        }
-
-
-# ---------------------------------------------------------------------------- making models
-
-
-@dataclass(frozen=True)
-class GPT2Config:
-    """A GPT-2-architecture model small enough to train on a CPU."""
-
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    d_mlp: int = 512  # 4 x d_model, as in GPT-2
-    n_ctx: int = 256
-    d_vocab: int = 4096  # the demo tokenizer's vocabulary
-    act_fn: str = "gelu_new"  # GPT-2's tanh-approximated GELU
-    dropout: float = 0.0  # short single-epoch runs do not overfit; dropout only adds noise
-
-    def __post_init__(self) -> None:
-        for k in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v <= 0:
-                raise UniversalNeuronsError(f"GPT2Config.{k} must be a positive integer, got {v!r}")
-        if self.d_model % self.n_heads:
-            raise UniversalNeuronsError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pick n_heads dividing d_model"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UniversalNeuronsError(f"dropout must be in [0, 1), got {self.dropout}")
-
-
-def init_gpt2(config: GPT2Config, *, seed: int, bos_token_id: int = 0, eos_token_id: int = 0):
-    """A freshly initialised Hugging Face GPT-2 (`GPT2LMHeadModel`), deterministic in `seed`."""
-    from transformers import GPT2Config as HFConfig
-    from transformers import GPT2LMHeadModel
-
-    hf_cfg = HFConfig(
-        vocab_size=config.d_vocab,
-        n_positions=config.n_ctx,
-        n_embd=config.d_model,
-        n_layer=config.n_layers,
-        n_head=config.n_heads,
-        n_inner=config.d_mlp,
-        activation_function=config.act_fn,
-        resid_pdrop=config.dropout,
-        embd_pdrop=config.dropout,
-        attn_pdrop=config.dropout,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-    )
-    gen = torch.random.fork_rng(devices=[])
-    with gen:
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(hf_cfg)
-    return model
-
-
-def save_model_dir(model, tokenizer, path: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Save a Hugging Face model with its tokenizer and a training record, so that
-    `load_model(path)` loads it offline. Written to a temporary sibling and renamed, so a
-    killed save never leaves a half-written model directory."""
-    import shutil
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path

@@ -17,7 +17,7 @@ import numpy as np
 from universal_neurons.errors import CorruptFileError, UniversalNeuronsError
 from universal_neurons.runtime import SCHEMA_VERSION, from_json
 
-from .models import hook_name, parse_hook_name
+from .hooks import hook_name, parse_hook_name
 from .store import STORE_KIND, StoreConfig
 from .tokens import TokenSetConfig
 

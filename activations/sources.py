@@ -12,7 +12,8 @@ import torch
 from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.runtime import pick_device, progress
 
-from .models import LoadedModel, hook_name, mlp_activations
+from .hooks import hook_name, mlp_activations
+from .models import LoadedModel
 from .reader import ActivationStore
 from .store import check_compatible
 from .tokens import TokenSet

@@ -33,7 +33,8 @@ from universal_neurons.config import Config
 from universal_neurons.errors import ConfigError, DiskSpaceError, OutputExistsError, UniversalNeuronsError
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, progress, provenance_base, to_json
 
-from .models import LoadedModel, hook_name, mlp_activations
+from .hooks import hook_name, mlp_activations
+from .models import LoadedModel
 from .tokens import TokenSet
 
 __all__ = [

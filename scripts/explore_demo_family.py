@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from universal_neurons.activations import TokenSetConfig, build_token_set
-from universal_neurons.activations.models import GPT2Config, load_model, mlp_activations
+from universal_neurons.activations import GPT2Config, TokenSetConfig, build_token_set, load_model, mlp_activations
 from universal_neurons.demo_data import demo_documents, demo_tokenizer
 from universal_neurons.training import TrainConfig, train_family
 

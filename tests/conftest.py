@@ -58,7 +58,7 @@ def make_tokenizer(vocab_size: int = 400):
 def make_family(root, seeds=(1, 2), steps=(0,), config=None, tokenizer=None):
     """Untrained tiny GPT-2 seeds saved as `root/seed-<k>/checkpoint-<step>/` (one init per seed;
     every step holds the same weights unless the caller changes them)."""
-    from universal_neurons.activations.models import GPT2Config, checkpoint_dir, init_gpt2, save_model_dir
+    from universal_neurons.activations import GPT2Config, checkpoint_dir, init_gpt2, save_model_dir
 
     tokenizer = tokenizer or make_tokenizer()
     config = config or GPT2Config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=32, d_vocab=len(tokenizer))
@@ -75,6 +75,34 @@ def make_family(root, seeds=(1, 2), steps=(0,), config=None, tokenizer=None):
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
+
+
+# GPT-2's pre-tokenisation regex (its encoder.py; what tokenizers' ByteLevel(use_regex=True) applies),
+# not TikTokenConverter's default, which is cl100k's and splits whitespace and newlines differently
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """GPT-2's real tokenizer (50,257 ids, `<|endoftext|>` = 50256 as BOS and EOS), built offline
+    from the BPE ranks PyPI `openai-whisper` ships as `whisper/assets/gpt2.tiktoken` (installed
+    with --no-deps by scripts/test.sh; located, never imported)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("whisper")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    asset = next((Path(f) / "assets" / "gpt2.tiktoken" for f in folders), None)
+    if asset is None or not asset.is_file():
+        pytest.skip("GPT-2's BPE ranks are not installed (whisper/assets/gpt2.tiktoken); run "
+                    "`pip install --no-deps openai-whisper==20250625` (scripts/test.sh does)")
+    pytest.importorskip("tiktoken", reason="reading gpt2.tiktoken needs `tiktoken` (the test extras)")
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    eot = "<|endoftext|>"
+    backend = TikTokenConverter(vocab_file=str(asset), pattern=GPT2_PATTERN, extra_special_tokens=[eot]).converted()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ from universal_neurons.activations import (
     run_with_post_hooks,
     save_model_dir,
 )
-from universal_neurons.activations import models as models_module
+from universal_neurons.activations import hooks as hooks_module
 from universal_neurons.activations.build import build_study_and_held_out
 from universal_neurons.cli.main import main as cli
 from universal_neurons.errors import IncompatibleInputsError, InputError
@@ -207,7 +207,7 @@ def test_counted_positions_write_only_where_the_mask_counts(lm, ts):
 def test_unknown_hook_name_is_an_error_not_a_zero_effect(model_dir, lm, ts, monkeypatch):
     ids = torch.from_numpy(ts.ids[:2]).long()
     with pytest.raises(UniversalNeuronsError, match="unknown hook kind"):
-        models_module.hook_name(0, "mid")
+        hooks_module.hook_name(0, "mid")
     with pytest.raises(UniversalNeuronsError, match=r"layer\(s\) \[7\] do not exist"):
         run_with_post_hooks(lm, ids, {7: lambda act: act})
     # weight processing off: hook_post is an alias of the MLP's output-projection input, and still attaches
@@ -216,8 +216,8 @@ def test_unknown_hook_name_is_an_error_not_a_zero_effect(model_dir, lm, ts, monk
     unprocessed = ablate(raw, [(0, 1), (1, 2)], ts, AblationConfig(kind="zero", n_bootstrap=20))
     assert unprocessed.delta_ce != 0 and unprocessed.delta_ce == pytest.approx(processed.delta_ce, abs=1e-5)
     # a name the bridge does not have is refused, never run as an unhooked (ΔCE = 0) pass
-    real = models_module.hook_name
-    monkeypatch.setattr(models_module, "hook_name", lambda layer, kind="post": real(layer, kind) + "_typo")
+    real = hooks_module.hook_name
+    monkeypatch.setattr(hooks_module, "hook_name", lambda layer, kind="post": real(layer, kind) + "_typo")
     for model in (lm, raw):
         with pytest.raises(IncompatibleInputsError, match="no hook point blocks.0.mlp.hook_post_typo"):
             ablate(model, [(0, 1)], ts, AblationConfig(kind="zero", n_bootstrap=20))

@@ -232,7 +232,7 @@ def test_second_concurrent_writer_is_refused(lms, ts_other, tmp_path, monkeypatc
 
 
 def test_fp16_overflow_is_reported_and_leaves_nothing_corrupt(tokenizer, ts_other, tmp_path):
-    from universal_neurons.activations.models import GPT2Config, init_gpt2, save_model_dir
+    from universal_neurons.activations import GPT2Config, init_gpt2, save_model_dir
 
     cfg = GPT2Config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=32, d_vocab=len(tokenizer))
     model = init_gpt2(cfg, seed=1)

@@ -29,6 +29,7 @@ from universal_neurons.activations import (
     TokenSetConfig,
     build_token_set,
     cache_activations,
+    check_available,
     iter_aligned,
     load_model,
 )
@@ -179,12 +180,16 @@ def run_pipeline(
     Raises:
         InputError: the text leaves no row to study or none to hold out (before any activation
             is cached).
+        UniversalNeuronsError: a model or checkpoint that cannot be loaded here (every model is
+            checked with `check_available` before the first is loaded).
     """
     if len(models) < 2:
         raise ConfigError(f"a seed family needs at least two models, got {len(models)}")
     labels = list(labels) if labels else [seed_label(k) for k in range(len(models))]
     if len(labels) != len(models) or len(set(labels)) != len(labels):
         raise ConfigError(f"labels {labels} must be unique, one per model ({len(models)})")
+    for m in models:  # every model before loading the first: a missing last one is found in seconds, not hours
+        check_available(m, checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lms = [load_model(m, checkpoint=checkpoint, device=config.device, process_weights=config.process_weights)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from universal_neurons.activations.models import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
+from universal_neurons.activations import GPT2Config, checkpoint_dir, init_gpt2, list_checkpoints, save_model_dir
 from universal_neurons.artifacts import atomic_path, plain, read_json, write_json
 from universal_neurons.config import Config
 from universal_neurons.errors import ConfigError, InputError, OutputExistsError

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from universal_neurons.activations import ActivationStore, LoadedModel, TokenSet, hook_name, mlp_activations
-from universal_neurons.activations.models import HookKind
+from universal_neurons.activations import ActivationStore, HookKind, LoadedModel, TokenSet, hook_name, mlp_activations
 from universal_neurons.errors import ConfigError, IncompatibleInputsError, InputError
 from universal_neurons.moments import StreamingMoments
 from universal_neurons.runtime import progress
