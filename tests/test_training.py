@@ -8,7 +8,7 @@ from universal_neurons.activations import GPT2Config, TokenSetConfig, build_toke
 from universal_neurons.demo import unigram_entropy
 from universal_neurons.demo_data import demo_documents, demo_tokenizer
 from universal_neurons.errors import UniversalNeuronsError
-from universal_neurons.training import TrainConfig, log_spaced_steps, train_family, train_seed
+from universal_neurons.training import TrainConfig, log_spaced_steps, next_token_loss, train_family, train_seed
 
 N_CTX = 64
 
@@ -26,6 +26,36 @@ def small_config(**kw):
     model = GPT2Config(n_layers=1, d_model=64, n_heads=4, d_mlp=256, n_ctx=N_CTX, d_vocab=4096)
     return TrainConfig(model=model, **{"n_tokens": 160_000, "batch_rows": 16, "warmup_steps": 10,
                                        "n_checkpoints": 4, "eval_tokens": 4096, **kw})
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_loss_matches_cross_entropy_of_the_logits(bf16):
+    """The fused unembedding + cross-entropy gives the loss and gradients of the plain
+    `cross_entropy(model(batch).logits)`, in fp32 to float precision and in bf16 to its rounding."""
+    from universal_neurons.activations import init_gpt2
+
+    model = init_gpt2(small_config().model, seed=0)
+    # 189 targets: one full chunk and a partial one
+    batch = torch.randint(0, 4096, (3, N_CTX), generator=torch.Generator().manual_seed(0))
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(batch).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 4096), batch[:, 1:].reshape(-1))
+    fused = next_token_loss(model, batch, bf16=bf16)
+    with torch.no_grad():
+        no_grad = next_token_loss(model, batch, bf16=bf16)
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-2 if bf16 else 1e-6)
+    assert no_grad.item() == fused.item()
+    g_ref, g_fused = grads(ref), grads(fused)
+    assert g_ref.keys() == g_fused.keys()
+    for k in g_ref:  # the tied wte/lm_head gets both its embedding and its unembedding gradient
+        err = ((g_fused[k] - g_ref[k]).norm() / g_ref[k].norm()).item()
+        assert err < (1e-2 if bf16 else 1e-5), (k, err)
 
 
 def test_log_spaced_steps():
@@ -92,5 +122,39 @@ def test_bad_training_input(rows, tmp_path):
     with pytest.raises(UniversalNeuronsError, match="outside the model's vocabulary"):
         cfg = TrainConfig(model=GPT2Config(n_layers=1, d_model=64, n_heads=4, d_mlp=256, n_ctx=N_CTX, d_vocab=100))
         train_seed(train, val, tok, config=cfg, seed=0, seed_dir=tmp_path)
-    with pytest.raises(UniversalNeuronsError, match="lower n_tokens or add text"):
+    with pytest.raises(UniversalNeuronsError, match="lower n_tokens, add text or raise max_epochs"):
         train_seed(train, val, tok, config=small_config(n_tokens=10**9), seed=0, seed_dir=tmp_path)
+
+
+def test_checkpoint_fractions_add_late_checkpoints():
+    cfg = small_config(checkpoint_fractions=(0.5, 0.75))
+    n = cfg.n_steps
+    assert cfg.checkpoint_steps() == sorted({*log_spaced_steps(n, 4), round(n / 2), round(0.75 * n)})
+    assert len(cfg.checkpoint_steps()) == 6
+    with pytest.raises(UniversalNeuronsError, match="strictly between 0 and 1"):
+        small_config(checkpoint_fractions=(1.0,))
+
+
+def test_epochs_repeat_every_row_once_per_pass(rows, tmp_path, monkeypatch):
+    """Past one pass over the rows (max_epochs > 1) each pass visits every row once, in a new order."""
+    import universal_neurons.training as training
+
+    tok, train, val = rows
+    few = train[:40]
+    cfg = small_config(n_tokens=5 * 16 * N_CTX, max_epochs=2, n_checkpoints=2)  # 5 steps of 16 rows: 2 passes of 40
+    with pytest.raises(UniversalNeuronsError, match="raise max_epochs"):
+        train_seed(few, val, tok, config=cfg.replace(max_epochs=1), seed=0, seed_dir=tmp_path / "one")
+    seen = []
+    real = training.next_token_loss
+
+    def recording(model, batch, **kw):
+        if torch.is_grad_enabled():  # training steps, not validation
+            seen.extend(tuple(r) for r in batch.tolist())
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(training, "next_token_loss", recording)
+    train_seed(few, val, tok, config=cfg, seed=0, seed_dir=tmp_path / "two", show_progress=False)
+    rows_ = [tuple(r) for r in few.tolist()]
+    assert sorted(seen[:40]) == sorted(rows_)  # the first pass: every row once
+    assert len(seen) == 80 and sorted(seen[40:]) == sorted(rows_)
+    assert seen[40:] != seen[:40]  # a fresh order for the second pass
