@@ -18,6 +18,7 @@ restarts from there and the file is renamed to `<path>` when complete. Reading i
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -30,7 +31,13 @@ import torch
 
 from universal_neurons.artifacts import check_writable, exists_message
 from universal_neurons.config import Config
-from universal_neurons.errors import ConfigError, DiskSpaceError, OutputExistsError, UniversalNeuronsError
+from universal_neurons.errors import (
+    ConfigError,
+    DiskSpaceError,
+    OutputExistsError,
+    StoreWriteError,
+    UniversalNeuronsError,
+)
 from universal_neurons.runtime import SCHEMA_VERSION, from_json, progress, provenance_base, to_json
 
 from .hooks import hook_name, mlp_activations
@@ -365,18 +372,31 @@ def cache_activations(
             if not overwrite:
                 raise OutputExistsError(f"{exists_message(path)}; to read it, open it with ActivationStore.open")
         start = None if overwrite else _resume_point(partial, lm, token_set, config)
-        if start is None:
-            _create(partial, lm, token_set, config, layers)
-            start = 0
-        elif start:
-            log.info("resuming %s from row %d of %d", partial, start, token_set.n_rows)
         try:
+            if start is None:
+                _create(partial, lm, token_set, config, layers)
+                start = 0
+            elif start:
+                log.info("resuming %s from row %d of %d", partial, start, token_set.n_rows)
             _write_rows(lm, token_set, partial, config, layers, start, batch_rows, progress_bar)
         except _Overflow:
             partial.unlink()  # float16 cannot hold this model's activations: the partial can never be finished
             raise
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, UniversalNeuronsError) or not _is_write_failure(e):
+                raise
+            raise StoreWriteError(
+                f"could not write {partial} ({e}); the disk is full or a file-size limit was reached. The rows "
+                "finished so far are kept there: free space and run the same command again to resume") from e
         os.replace(partial, path)
     return path
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """Whether an HDF5 error is the operating system refusing a write (no space, file too large)."""
+    text = str(e)
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+        s in text for s in ("File too large", "No space left", "write failed", "unable to extend file"))
 
 
 def after_batch(rows_done: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from universal_neurons.artifacts import atomic_path, reading
+from universal_neurons.artifacts import hdf5_file, reading
 from universal_neurons.config import Config
 from universal_neurons.errors import (
     ConfigError,
@@ -224,9 +224,8 @@ class TokenSet:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the token set to one HDF5 file (via a temporary file, renamed when complete)."""
-        import h5py
 
-        with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        with hdf5_file(path, overwrite=overwrite) as f:
             for name in ("ids", "mask", "doc_index"):
                 d = f.create_dataset(name, data=getattr(self, name))
                 d.dims[0].label, d.dims[1].label = "row", "pos"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import Callable
 
 from universal_neurons import __version__
@@ -65,6 +67,9 @@ def _command_in(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # a file-size limit makes writes fail with an error we report in one line instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(

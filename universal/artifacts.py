@@ -35,6 +35,7 @@ __all__ = [
     "plain",
     "reuse_or_refuse",
     "reading",
+    "hdf5_file",
 ]
 
 OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it, or choose another path"
@@ -185,3 +186,30 @@ def reading(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
         else:
             detail = f"{type(e).__name__}: {e}"
         raise InputError(f"{os.fspath(path)} is not a readable {what} ({detail}); {fix}") from e
+
+
+@contextlib.contextmanager
+def hdf5_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Any]:
+    """A new HDF5 file for `path`, built in memory and written atomically when the block ends.
+
+    For artefacts that fit in memory (results, tables, token sets): the whole file is one
+    buffered write of its image, so a full disk or a file-size limit is an ordinary `OSError`
+    before the rename (the previous file stays, no temporary is left), instead of HDF5 failing
+    half-way through its own writes and leaving its library in a state that can crash the
+    process at exit. Activation stores, far larger, stream to disk instead (`cache_activations`).
+
+    Yields:
+        An `h5py.File` open for writing.
+    """
+    import h5py
+
+    check_writable(path, overwrite=overwrite)
+    f = h5py.File(f"in-memory:{os.fspath(path)}", "w", driver="core", backing_store=False)
+    try:
+        yield f
+        f.flush()
+        image = f.id.get_file_image()
+    finally:
+        f.close()
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(image)

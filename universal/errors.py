@@ -17,6 +17,7 @@ __all__ = [
     "ModelUnavailableError",
     "CorruptFileError",
     "DiskSpaceError",
+    "StoreWriteError",
 ]
 
 
@@ -57,3 +58,8 @@ class CorruptFileError(UniversalNeuronsError, OSError):
 
 class DiskSpaceError(UniversalNeuronsError, OSError):
     """The planned output does not fit in the free space of its folder (checked before any work)."""
+
+
+class StoreWriteError(UniversalNeuronsError, OSError):
+    """The system refused a write while an activation store was being cached (disk full, a
+    file-size limit); the rows finished so far are kept and the next run resumes."""

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from universal_neurons.artifacts import atomic_path, read_json, reading, refuse_existing, write_json
+from universal_neurons.artifacts import atomic_path, hdf5_file, read_json, reading, refuse_existing, write_json
 from universal_neurons.errors import ConfigError, InputError, InputNotFoundError
 from universal_neurons.runtime import from_json, provenance_base, to_json
 
@@ -178,9 +178,8 @@ def save_universality_table(table: pd.DataFrame, path: str | os.PathLike, *,
             table.to_csv(tmp, index=False)
         write_json(_sidecar(path), prov, overwrite=True)  # belongs to the table just written
         return
-    import h5py
 
-    with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_file(path, overwrite=overwrite) as f:
         f.attrs["provenance"] = to_json(prov)
         f.attrs["columns"] = to_json(list(table.columns))
         for column in table.columns:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from universal_neurons.artifacts import atomic_path, reading
+from universal_neurons.artifacts import hdf5_file, reading
 from universal_neurons.errors import ConfigError, InputError, InputNotFoundError
 from universal_neurons.runtime import from_json, to_json
 
@@ -108,9 +108,8 @@ class CorrelationResult:
         Raises:
             OutputExistsError: `path` exists and `overwrite` is False.
         """
-        import h5py
 
-        with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
+        with hdf5_file(path, overwrite=overwrite) as f:
             f.attrs["provenance"] = to_json(self.provenance)
             f.attrs["config"] = to_json(self.config.to_dict())
             f.attrs["reference"] = to_json(dataclasses.asdict(self.reference))
