@@ -147,7 +147,7 @@ def test_run_persistence_on_a_tiny_family_reuses_checkpoint_runs(tmp_path, token
     pd.testing.assert_frame_equal(again.overall, res.overall)
     # the CLI on the same directory (token set from the first run) reuses them too
     assert cli(["persistence", *map(str, dirs), "--text", str(out / "checkpoints" / "step-0" / "tokens.h5"),
-                "-o", str(out), "--threshold", "0", "--batch-rows", "8"]) == 0
+                "-o", str(out), "--threshold", "0.001", "--batch-rows", "8"]) == 0
     assert [p.stat().st_mtime_ns for p in reused] == mtimes
     text = capsys.readouterr().out
     assert "persistence |U_t ∩ U_t'|/|U_t| of consecutive checkpoints: 0->10:" in text

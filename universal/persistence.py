@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from universal_neurons.activations import list_checkpoints
+from universal_neurons.activations import check_available, list_checkpoints
 from universal_neurons.artifacts import atomic_path, exists_message, read_json, write_json
 from universal_neurons.errors import (
     ConfigError,
@@ -329,8 +329,13 @@ def run_persistence(
 
     Raises:
         ConfigError, InputError, InputNotFoundError: see `resolve_steps`.
+        ModelUnavailableError, InputNotFoundError: a model at some step cannot be loaded here (checked for
+            every model and step before any work).
     """
     steps = resolve_steps(models, steps)
+    for t in steps:  # every model at every step is there before the first step's work
+        for model in models:
+            check_available(model, checkpoint=t)
     out = Path(out_dir)
     runs: dict[int, Any] = {}
     tokens = text
