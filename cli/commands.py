@@ -170,7 +170,14 @@ def _run(a):
     cfg = pipeline_config(a, cluster=a.cluster)
     if a.ablation_tokens:  # the explicit held-out set replaces the rows held out of the text
         cfg = cfg.replace(held_out_share=0.0)
-    stages = _later_stages(a, steps=ints(a.steps, "--steps") if a.steps else None, overwrite=a.overwrite)
+    steps = ints(a.steps, "--steps") if a.steps else None
+    if steps:  # the later stages load every model at every step: all must be there before any work
+        from universal_neurons.activations import check_available
+
+        for step in steps:
+            for model in a.models:
+                check_available(model, checkpoint=step)
+    stages = _later_stages(a, steps=steps, overwrite=a.overwrite)
     labels = a.labels.split(",") if a.labels else None
     res = run_pipeline(a.models, a.text, a.out, checkpoint=a.checkpoint, labels=labels,
                        config=cfg, overwrite=a.overwrite, extra_stages=stages)
