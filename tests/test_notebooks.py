@@ -47,7 +47,8 @@ def test_notebook_runs(path, notebook_env):
     # the first cell of the first notebook trains the tiny family: generous per-cell limit
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
     assert not errors
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s")
     assert (notebook_env / "notebooks" / "report.html").is_file()

@@ -1,5 +1,5 @@
 """Stage: results on disk -> plotly figures. One public function per figure, each taking the
-tables a pipeline run leaves (universality table, properties, ablation, persistence) as pandas
+tables a pipeline run leaves (universality table, properties, ablation, persistence, agreement) as pandas
 DataFrames and returning a `plotly.graph_objects.Figure`; the report (`universal_neurons.report`)
 lays them out, and notebooks call them directly.
 
@@ -10,7 +10,8 @@ drawn from precomputed quantiles, so a figure's size does not grow with the numb
 from __future__ import annotations
 
 from .ablation import fig_ablation
-from .common import live_neurons, other_labels
+from .agreement import fig_alike_over_training, universal_by_step
+from .common import live_neurons, other_labels, wilson_interval
 from .persistence import fig_emergence, fig_partner_consistency, fig_persistence, fig_persistence_by_layer
 from .properties import PROPERTY_COLUMNS, fig_property_comparison, fig_property_effects
 from .universality import (
@@ -25,6 +26,8 @@ __all__ = [
     "PROPERTY_COLUMNS",
     "other_labels",
     "live_neurons",
+    "wilson_interval",
+    "universal_by_step",
     "fig_max_corr_vs_baseline",
     "fig_corr_distributions",
     "fig_universal_fraction",
@@ -37,4 +40,5 @@ __all__ = [
     "fig_persistence_by_layer",
     "fig_partner_consistency",
     "fig_emergence",
+    "fig_alike_over_training",
 ]

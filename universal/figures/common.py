@@ -25,6 +25,7 @@ __all__ = [
     "quantiles",
     "quantile_box",
     "step_number",
+    "wilson_interval",
 ]
 
 UNIVERSAL_COLOR = "#d62728"
@@ -137,6 +138,32 @@ def quantile_box(x: Sequence, stats: Sequence[Mapping[str, float]], name: str, c
     return go.Box(x=list(x), q1=column("q1"), median=column("median"), q3=column("q3"), lowerfence=column("lo"),
                   upperfence=column("hi"), mean=column("mean"), name=name,
                   marker_color=color, line_color=color, boxpoints=False, **kw)
+
+
+def wilson_interval(k: float, n: float, *, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial fraction k / n.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or k = n,
+    which is where a small universal fraction sits. It treats the n trials as independent.
+
+    Args:
+        k: successes (e.g. universal neurons).
+        n: trials (e.g. neurons).
+        level: the two-sided coverage.
+
+    Returns:
+        `(lo, hi)` as fractions; `(nan, nan)` when n is 0.
+    """
+    from scipy.stats import norm
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k <= 0 else float(lo)), (1.0 if k >= n else float(hi))  # exact at the ends, not 1 - 1e-16
 
 
 def step_number(label):

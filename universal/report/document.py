@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 
 from universal_neurons.artifacts import atomic_path
 
+from .cards import CARDS_CSS, CARDS_JS, MAX_CARDS
+from .findings import Finding, findings, findings_html
 from .markup import CSS, JS, PLOT_CONFIG, escape
 from .run_dir import load_run
 from .sections import ReportSection, build_sections, headline_cards, report_title
@@ -23,15 +25,16 @@ __all__ = ["Report", "report_stage"]
 log = logging.getLogger(__name__)
 
 # figures drawn across the whole width; the others go two to a row
-_WIDE_FIGURES = ("property_comparison", "persistence_by_layer", "ablation", "emergence")
+_WIDE_FIGURES = ("property_comparison", "persistence_by_layer", "ablation", "emergence", "agreement",
+                 "alike_over_training")
 
 
 class Report:
-    """The report of one pipeline run: figures (name -> plotly Figure), sections, headline
-    numbers and provenance. Renders inline in Jupyter and saves to one offline HTML file.
+    """The report of one pipeline run: the findings, figures (name -> plotly Figure), sections,
+    headline numbers and provenance. Renders inline in Jupyter and saves to one offline HTML file.
 
     Build it with `Report.from_run(run_dir)`; `report.figures["excess_distribution"]` etc. are
-    ordinary plotly figures to restyle or export.
+    ordinary plotly figures to restyle or export, `report.findings` the sentences at the top.
 
     Args:
         title: the page title.
@@ -40,11 +43,14 @@ class Report:
         figures: name -> figure, for the names the sections list.
         summary: the run's `summary.json`.
         run_dir: the run directory, shown in the subtitle.
+        findings: the sentences under the title (`findings.findings`).
     """
 
     def __init__(self, *, title: str, headline: list[tuple[str, str, bool]], sections: list[ReportSection],
-                 figures: dict[str, go.Figure], summary: dict[str, Any], run_dir: Path | None = None):
+                 figures: dict[str, go.Figure], summary: dict[str, Any], run_dir: Path | None = None,
+                 findings: list[Finding] | None = None):
         self.title = title
+        self.findings = findings or []
         self.headline = headline
         self.sections = sections
         self.figures = figures
@@ -58,7 +64,8 @@ class Report:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, *, summary: dict | None = None, title: str | None = None) -> "Report":
+    def from_run(cls, run_dir: str | os.PathLike, *, summary: dict | None = None, title: str | None = None,
+                 max_cards: int = MAX_CARDS) -> "Report":
         """Read a run directory (see `load_run`) and build every section whose inputs exist.
 
         Args:
@@ -66,6 +73,7 @@ class Report:
             summary: replaces `summary.json` (the pipeline's report stage passes the summary it
                 is about to write).
             title: the page title (default: named after the family).
+            max_cards: the cap on neuron cards (the highest excess correlation first).
 
         Returns:
             The report.
@@ -74,14 +82,15 @@ class Report:
             InputNotFoundError: `run_dir` has no summary or universality table.
         """
         run = load_run(run_dir, summary=summary)
-        return cls.from_data(**run, title=title)
+        return cls.from_data(**run, title=title, max_cards=max_cards)
 
     @classmethod
     def from_data(cls, *, summary: dict, table: pd.DataFrame, properties: pd.DataFrame | None = None,
                   property_comparison: pd.DataFrame | None = None, ablation_summary: pd.DataFrame | None = None,
                   ablation_runs: pd.DataFrame | None = None, persistence: dict[str, pd.DataFrame] | None = None,
-                  emergence: pd.DataFrame | None = None, run_dir: str | os.PathLike | None = None,
-                  title: str | None = None) -> "Report":
+                  emergence: pd.DataFrame | None = None, explanations: Any = None, agreement: Any = None,
+                  run_dir: str | os.PathLike | None = None, title: str | None = None,
+                  max_cards: int = MAX_CARDS) -> "Report":
         """The same from tables already in memory (e.g. a notebook's own results).
 
         Args:
@@ -89,8 +98,11 @@ class Report:
             table: the universality table, one row per reference neuron.
             properties, property_comparison, ablation_summary, ablation_runs, persistence,
                 emergence: the later stages' tables (see `build_sections`), None when absent.
+            explanations: the explanations stage's `ExplanationData` (the neuron cards), or None.
+            agreement: the agreement stage's `AgreementResult`, or None.
             run_dir: shown in the subtitle.
             title: the page title (default: named after the family).
+            max_cards: the cap on neuron cards (the highest excess correlation first).
 
         Returns:
             The report.
@@ -98,10 +110,13 @@ class Report:
         sections, figs = build_sections(summary=summary, table=table, properties=properties,
                                         property_comparison=property_comparison,
                                         ablation_summary=ablation_summary, ablation_runs=ablation_runs,
-                                        persistence=persistence, emergence=emergence)
+                                        persistence=persistence, emergence=emergence, explanations=explanations,
+                                        agreement=agreement, max_cards=max_cards)
+        said = findings(summary=summary, table=table, property_comparison=property_comparison,
+                        ablation_summary=ablation_summary, emergence=emergence, agreement=agreement)
         return cls(title=title or report_title(summary, run_dir),
-                   headline=headline_cards(summary, table, ablation_summary), sections=sections, figures=figs,
-                   summary=summary, run_dir=Path(run_dir) if run_dir else None)
+                   headline=headline_cards(summary, table, ablation_summary, agreement), sections=sections,
+                   figures=figs, summary=summary, run_dir=Path(run_dir) if run_dir else None, findings=said)
 
     # ------------------------------------------------------------------ rendering
 
@@ -133,6 +148,8 @@ class Report:
         """
         from plotly.offline import get_plotlyjs
 
+        from universal_neurons.explain.view import HTML_STYLE
+
         nav = "".join(f'<a href="#{s.key}">{escape(s.title)}</a>' for s in self.sections)
         cards = "".join(f'<div class="card"><div class="v{" accent" if accent else ""}">{escape(value)}</div>'
                         f'<div class="k">{escape(label)}</div></div>' for label, value, accent in self.headline)
@@ -143,14 +160,15 @@ class Report:
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{escape(self.title)}</title>"
-            f"<style>{CSS}</style>"
+            f"<style>{CSS}{HTML_STYLE}{CARDS_CSS}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
             f'<header class="un-header"><h1>{escape(self.title)}</h1>'
-            f'<div class="sub">{escape(self._subtitle())}</div><div class="cards">{cards}</div></header>'
+            f'<div class="sub">{escape(self._subtitle())}</div>{findings_html(self.findings)}'
+            f'<div class="cards">{cards}</div></header>'
             f"<nav>{nav}</nav><main>{parts}</main>"
             f"<footer>universal-neurons {escape(versions.get('universal-neurons', ''))} · run created "
             f"{escape(created)} · this file is self-contained and works offline</footer>"
-            f"<script>{JS}</script></body></html>\n")
+            f"<script>{JS}{CARDS_JS}</script></body></html>\n")
 
     def _subtitle(self) -> str:
         inputs = self.summary.get("inputs", {})

@@ -89,6 +89,14 @@ body{margin:0;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif
 .un-header{background:linear-gradient(135deg,#1d2330,#36405a);color:#fff;padding:28px 40px 22px}
 .un-header h1{margin:0 0 4px;font-size:26px;font-weight:650}
 .un-header .sub{color:#c8cfdc;font-size:13px}
+.findings{background:#fff;color:var(--fg);border-radius:10px;padding:10px 22px 12px;margin:16px 0 4px;
+  max-width:1200px;box-shadow:0 2px 10px rgba(0,0,0,.25)}
+.findings h2{font-size:16px;margin:4px 0 6px}
+.findings ul{margin:0;padding-left:18px}
+.findings li{margin:4px 0;line-height:1.45}
+.findings .sig,.findings .ns{font-size:11px;padding:0 6px;border-radius:8px;white-space:nowrap}
+.findings .sig{background:#fde2e1;color:#a31515}
+.findings .ns{background:#eceef2;color:var(--muted)}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin-top:18px}
 .card{background:rgba(255,255,255,.09);border:1px solid rgba(255,255,255,.15);border-radius:10px;
   padding:10px 16px;min-width:150px}
@@ -100,7 +108,8 @@ nav{position:sticky;top:0;z-index:10;background:#fff;border-bottom:1px solid var
 nav a{color:var(--muted);text-decoration:none;font-size:13px}
 nav a:hover{color:var(--accent)}
 main{max-width:1280px;margin:0 auto;padding:10px 40px 60px}
-section{background:var(--card);border:1px solid var(--line);border-radius:12px;margin:22px 0;padding:8px 24px 20px}
+section{scroll-margin-top:44px;background:var(--card);border:1px solid var(--line);border-radius:12px;margin:22px 0;
+  padding:8px 24px 20px}
 section h2{font-size:19px;margin:14px 0 4px}
 .intro{color:var(--muted);max-width:920px;margin:0 0 8px}
 .intro b{color:var(--fg)}

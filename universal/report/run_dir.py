@@ -1,5 +1,6 @@
 """Reading a pipeline run directory: everything the report shows, each later stage's output
-optional (absent outputs are None and their sections are left out)."""
+optional (absent outputs are None and their sections are left out; an unreadable one is
+logged and left out too, so one bad file never costs the whole report)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from universal_neurons.artifacts import read_json
-from universal_neurons.errors import InputNotFoundError
+from universal_neurons.errors import InputNotFoundError, UniversalNeuronsError
 
 from ..universality import load_universality_table
 
@@ -54,9 +55,48 @@ def _emergence_from_checkpoints(run_dir: Path) -> pd.DataFrame | None:
         summary = read_json(summary_path, what="checkpoint run summary")
         for layer in summary.get("universality", {}).get("per_layer", []):
             rows.append({"step": step, "layer": layer["layer"], "n_universal": layer["universal"],
-                         "fraction": layer["universal_fraction"],
+                         "n_neurons": layer.get("neurons", np.nan), "fraction": layer["universal_fraction"],
                          "mean_excess": layer.get("mean_max_corr", np.nan) - layer.get("mean_baseline", np.nan)})
     return pd.DataFrame(rows) if rows else None
+
+
+def _stage_dir(run: Path, summary: dict, key: str, marker: str) -> Path | None:
+    """The folder a later stage wrote (the one holding `marker`), or None.
+
+    A stage records its directory as it was given (maybe relative to another working directory,
+    or None when skipped): it is looked for by name inside this run directory first.
+    """
+    info = summary.get(key)
+    recorded = Path((info.get("dir") if isinstance(info, dict) else None) or key)
+    return next((p for p in (run / recorded.name, recorded, run) if (p / marker).exists()), None)
+
+
+def _explanations(run: Path) -> Any:
+    """The explanations stage's output (`ExplanationData`), or None."""
+    folder = run / "explanations"
+    if not (folder / "explanations.h5").exists():
+        return None
+    from universal_neurons.explain.storage import load_explanations
+
+    try:
+        return load_explanations(folder)
+    except (UniversalNeuronsError, OSError, KeyError, ValueError) as err:
+        log.warning("report: the neuron cards are left out, %s is unreadable: %s", folder, err)
+        return None
+
+
+def _agreement(run: Path, summary: dict) -> Any:
+    """The agreement stage's output (`AgreementResult`), or None."""
+    folder = _stage_dir(run, summary, "agreement", "agreement_by_step.csv")
+    if folder is None:
+        return None
+    from universal_neurons.agreement.result import AgreementResult
+
+    try:
+        return AgreementResult.load(folder)
+    except (UniversalNeuronsError, OSError, KeyError, ValueError) as err:
+        log.warning("report: agreement is left out, %s is unreadable: %s", folder, err)
+        return None
 
 
 def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict[str, Any]:
@@ -70,7 +110,8 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     Returns:
         A dict with `run_dir`, `summary`, `table` (the universality table, one row per neuron),
         `properties`, `property_comparison`, `ablation_summary`, `ablation_runs`,
-        `persistence` (name -> DataFrame) and `emergence`.
+        `persistence` (name -> DataFrame), `emergence`, `explanations` (the explanations
+        stage's `ExplanationData`) and `agreement` (the agreement stage's `AgreementResult`).
 
     Raises:
         InputNotFoundError: the directory has no `summary.json` or no universality table.
@@ -88,13 +129,7 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
     table = load_universality_table(table_path)
     table.attrs.setdefault("threshold", summary.get("universality", {}).get("threshold", 0.5))
     # universal_neurons.ablation.ablation_stage writes into out_dir/ablation/ (subdir configurable)
-    ablation_info = summary.get("ablation")
-    if not isinstance(ablation_info, dict):
-        ablation_info = {}
-    # the stage records its directory as it was given (maybe relative to another working
-    # directory, or None when skipped): look for it by name inside this run directory
-    recorded = Path(ablation_info.get("dir") or "ablation")
-    ablation_dir = next((p for p in (run / recorded.name, recorded, run) if (p / "ablation_summary.csv").exists()), run)
+    ablation_dir = _stage_dir(run, summary, "ablation", "ablation_summary.csv") or run
     persistence_dir = run / "persistence"
     persistence = {}
     if persistence_dir.is_dir():
@@ -112,4 +147,5 @@ def load_run(run_dir: str | os.PathLike, *, summary: dict | None = None) -> dict
         "ablation_summary": _read_csv(ablation_dir / "ablation_summary.csv"),
         "ablation_runs": _read_csv(ablation_dir / "ablation_runs.csv"),
         "persistence": persistence, "emergence": emergence,
+        "explanations": _explanations(run), "agreement": _agreement(run, summary),
     }

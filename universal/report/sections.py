@@ -1,6 +1,7 @@
-"""The report's content: which sections a run's outputs make, their figures, the neuron table,
-the headline cards and the provenance. Everything here is computed from tables in memory;
-reading them is `run_dir.load_run`'s job, laying out the page `document.Report`'s."""
+"""The report's content: which sections a run's outputs make, their figures, the neuron table
+and cards, the headline cards and the provenance. Everything here is computed from tables in
+memory; reading them is `run_dir.load_run`'s job, the sentences of the Findings
+`findings.py`'s, the neuron cards `cards.py`'s, laying out the page `document.Report`'s."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,8 @@ from ..figures import (
     live_neurons,
     other_labels,
 )
+from ..figures.agreement import fig_alike_over_training
+from .cards import MAX_CARDS, cards_html, neuron_cards
 from .markup import escape, key_value_table, sortable_table, stage_table
 
 __all__ = ["MAX_TABLE_ROWS", "ReportSection", "build_sections", "headline_cards", "report_title"]
@@ -59,7 +62,8 @@ class ReportSection:
 def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFrame | None = None,
                    property_comparison: pd.DataFrame | None = None, ablation_summary: pd.DataFrame | None = None,
                    ablation_runs: pd.DataFrame | None = None, persistence: dict[str, pd.DataFrame] | None = None,
-                   emergence: pd.DataFrame | None = None) -> tuple[list[ReportSection], dict[str, go.Figure]]:
+                   emergence: pd.DataFrame | None = None, explanations: Any = None, agreement: Any = None,
+                   max_cards: int = MAX_CARDS) -> tuple[list[ReportSection], dict[str, go.Figure]]:
     """Every section whose inputs are present, in reading order, with its figures.
 
     A later stage's section whose figure cannot be drawn from its table is left out (logged),
@@ -72,6 +76,11 @@ def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFra
         properties, property_comparison, ablation_summary, ablation_runs, emergence: the later
             stages' tables, None when absent.
         persistence: `overall`, `per_layer`, `partner_consistency` tables (any subset).
+        explanations: the explanations stage's `ExplanationData`: a card per universal neuron
+            in the Neurons section; None leaves the cards out.
+        agreement: the agreement stage's `AgreementResult`: the section on how alike the seeds
+            behave; None leaves it out.
+        max_cards: the cap on neuron cards (the highest excess correlation first).
 
     Returns:
         The sections and the figures they name (name -> plotly figure).
@@ -96,6 +105,11 @@ def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFra
         "distribution of excess correlation on a log scale, universal neurons in red to the right of the cut.",
         ["universal_fraction", "excess_distribution"]))
 
+    if agreement is not None:
+        section = _agreement_section(agreement, emergence, figs)
+        if section is not None:
+            sections.append(section)
+
     figs["corr_distributions"] = fig_corr_distributions(table)
     figs["max_corr_vs_baseline"] = fig_max_corr_vs_baseline(table, threshold=thr)
     extra = ["pair_correlations"] if other_labels(table) else []
@@ -112,14 +126,17 @@ def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFra
 
     neuron_rows, note = _neuron_table(table, properties)
     others = labels[1:] if len(labels) > 1 else other_labels(table)
+    n_universal = int(table["is_universal"].sum())
     sections.append(ReportSection(
-        "neurons", f"Universal neurons ({int(table['is_universal'].sum()):,})",
+        "neurons", f"Neurons ({n_universal:,} universal)",
         "Every universal neuron of the reference with its partner (best-matching neuron, as "
         "<code>L&lt;layer&gt;.N&lt;index&gt;</code>) and correlation in each other seed "
         f"({escape(', '.join(others))}). "
-        "Click a column header to sort; type in the box to filter.",
-        html=(f'<p class="note">{escape(note)}</p>' if note else "") + sortable_table(neuron_rows,
-                                                                                     table_id="neuron-table")))
+        "Click a column header to sort; type in the box to filter. Below the table, a card per neuron shows "
+        "what it responds to and what it does, beside its partners.",
+        html=(f'<p class="note">{escape(note)}</p>' if note else "")
+        + sortable_table(neuron_rows, table_id="neuron-table")
+        + _cards_part(explanations, n_universal, max_cards)))
 
     if properties is not None:
         try:
@@ -172,6 +189,61 @@ def build_sections(*, summary: dict, table: pd.DataFrame, properties: pd.DataFra
                                   "Everything this report was computed from, so a result can be traced and "
                                   "reproduced.", html=_provenance_html(summary)))
     return sections, figs
+
+
+def _agreement_section(agreement: Any, emergence: pd.DataFrame | None,
+                       figs: dict[str, go.Figure]) -> ReportSection | None:
+    """How alike the seeds behave: their outputs' agreement over training, beside the universal
+    fraction of their neurons when checkpoints give one (None when the figure cannot be drawn)."""
+    from universal_neurons.agreement import fig_agreement
+
+    ci = float((agreement.provenance.get("config") or {}).get("ci") or 0.95)
+    names = []
+    try:
+        if emergence is not None and len(emergence):
+            figs["alike_over_training"] = fig_alike_over_training(agreement.by_step, emergence, ci=ci)
+            names.append("alike_over_training")
+        pairs = agreement.table[["a", "m"]].drop_duplicates()
+        if not names or len(pairs) > 1:  # with one pair, every pair's figure repeats the first
+            figs["agreement"] = fig_agreement(agreement)
+            names.append("agreement")
+    except UniversalNeuronsError as err:
+        log.warning("report: agreement left out: %s", err)
+        return None
+    which = (agreement.provenance.get("token_set") or {}).get("which")
+    return ReportSection(
+        "agreement", "How alike the seeds behave",
+        "Universality asks whether the seeds share <b>neurons</b>; this asks whether they compute the same "
+        "<b>function</b>. For each pair of seeds, on the same "
+        f"{'held-out ' if which and str(which).startswith('held-out') else ''}tokens: <b>top-1 agreement</b> (the "
+        "share of predictions whose most likely next token is the same) and the <b>Jensen-Shannon divergence</b> of "
+        "their next-token distributions (0 when identical, at most ln 2 = 0.693 nats), each the mean over pairs "
+        f"with a {ci:.0%} bootstrap interval over token rows. Step 0 is initialisation: untrained seeds all predict "
+        "near-uniform distributions, so their divergence is small there; top-1 agreement is the fair comparison. "
+        + ("The first figure puts the outputs beside the neurons (the universal fraction per checkpoint, with its "
+           "Wilson interval). " if "alike_over_training" in names else "")
+        + ("Thin lines: each pair. " if "agreement" in names else "")
+        + "Definitions: docs/agreement.md.",
+        names, html=stage_table(agreement.by_step, "Agreement per checkpoint")
+        + stage_table(agreement.table, "Agreement per pair and checkpoint"))
+
+
+def _cards_part(explanations: Any, n_universal: int, max_cards: int) -> str:
+    """The neuron cards under the table, or a note saying how to get them."""
+    if explanations is None:
+        return ('<p class="note">Run the explanations stage (<code>universal-neurons explain RUN --all</code>, '
+                "part of <code>run</code> and <code>demo</code>) to see a card per neuron here.</p>")
+    cards = neuron_cards(explanations, n_universal=n_universal, max_cards=max_cards)
+    if not cards.cards:
+        return '<p class="note">The explanations hold no neuron to show.</p>'
+    who = "universal neuron" if cards.role == "universal" else "neuron explained for contrast"
+    return (f"<h3>One card per {who} ({len(cards.cards):,}, highest excess correlation first)</h3>"
+            '<p class="intro">Each card: the seeds\' neurons side by side (correlation with the reference, family from '
+            "the activations, best features by variance reduction, the tokens its output promotes and suppresses), "
+            "then the reference's top-activating contexts with every seed's activation, a row per seed: tokens "
+            "coloured by activation over that seed's maximum (orange above zero, blue below), the example token "
+            "outlined. Filter by layer and family; <code>explain(run_dir, layer, neuron)</code> shows a neuron in "
+            "full.</p>" + cards_html(cards))
 
 
 def _family_note(summary: dict) -> str:
@@ -251,13 +323,15 @@ def report_title(summary: dict, run_dir: str | os.PathLike | None) -> str:
     return f"Universal neurons · {family}" if family else "Universal neurons"
 
 
-def headline_cards(summary: dict, table: pd.DataFrame, ablation: pd.DataFrame | None) -> list[tuple[str, str, bool]]:
+def headline_cards(summary: dict, table: pd.DataFrame, ablation: pd.DataFrame | None,
+                   agreement: Any = None) -> list[tuple[str, str, bool]]:
     """The numbers at the top of the report.
 
     Args:
         summary: the run's `summary.json`.
         table: the universality table.
         ablation: the ablation summary, or None.
+        agreement: the agreement stage's `AgreementResult`, or None.
 
     Returns:
         `(label, value, accent)` per card.
@@ -284,8 +358,22 @@ def headline_cards(summary: dict, table: pd.DataFrame, ablation: pd.DataFrame | 
     if ablation is not None and {"delta_ce", "control_delta_ce_mean"} <= set(ablation.columns):
         whole = ablation[ablation["group"].astype(str) == "all layers"]
         rows = whole if len(whole) else ablation
-        ratio = rows["delta_ce"].sum() / max(abs(rows["control_delta_ce_mean"].sum()), 1e-12)
-        cards.append(("ΔCE universal / random", f"{ratio:.1f}×", True))
+        if "paired_delta_ce" in rows.columns and pd.notna(rows["paired_delta_ce"].iloc[0]):
+            p = rows["p_value"].iloc[0] if "p_value" in rows.columns else np.nan
+            cards.append(("ΔCE universal − random", f"{rows['paired_delta_ce'].iloc[0]:+.3g} nats"
+                          + (f" (p = {p:.2g})" if pd.notna(p) else ""), True))
+        else:
+            ratio = rows["delta_ce"].sum() / max(abs(rows["control_delta_ce_mean"].sum()), 1e-12)
+            cards.append(("ΔCE universal / random", f"{ratio:.1f}×", True))
+    if agreement is not None and len(agreement.by_step):
+        by_step = agreement.by_step.sort_values("step", na_position="last")
+        init = by_step[by_step["at_init"].astype(bool)] if "at_init" in by_step else by_step.iloc[:0]
+        trained = by_step[~by_step["at_init"].astype(bool)] if "at_init" in by_step else by_step
+        if len(trained):
+            value = f"{100 * trained['top1'].iloc[-1]:.1f}%"
+            if len(init):
+                value += f" (init {100 * init['top1'].iloc[0]:.1f}%)"
+            cards.append(("seeds' top-1 agreement", value, True))
     return cards
 
 
@@ -323,7 +411,7 @@ def _provenance_html(summary: dict) -> str:
              *[(k, v) for k, v in corr.items() if k not in ("baseline", "seed")],
              ("threshold", cfg.get("threshold")), ("process_weights", cfg.get("process_weights")),
              ("store", cfg.get("store")), ("batch_rows", cfg.get("batch_rows"))]))
-    for key in ("properties", "ablation", "persistence", "demo"):
+    for key in ("properties", "ablation", "persistence", "explanations", "agreement", "demo"):
         stage = summary.get(key)
         if isinstance(stage, dict) and stage:
             flat = [(k, v) for k, v in stage.items() if k not in ("training_records",)]
