@@ -189,7 +189,9 @@ LATER_STAGES = ("properties", "ablation", "persistence", "agreement", "explanati
 
 
 def _later_stages(a, *, steps, overwrite: bool) -> list:
-    """The stages after flagging, as the demo runs them; `--skip` names the ones to leave out."""
+    """The stages after flagging, as the demo runs them; `--skip` names the ones to leave out. With
+    `--cluster`, properties, ablation and agreement scan their tokens on the run's cluster (the run
+    hands its client to its stages: `PipelineResult.client`)."""
     from universal_neurons.ablation import AblationConfig, ablation_stage
     from universal_neurons.activations import load_token_set
     from universal_neurons.agreement import agreement_stage

@@ -7,6 +7,7 @@ from pathlib import Path
 from .flags import (
     ABLATION_FLAGS,
     PROPERTIES_FLAGS,
+    cluster_arg,
     ints,
     pipeline_args,
     pipeline_config,
@@ -33,8 +34,10 @@ def _add_ablate(p):
     p.add_argument("--checkpoint", type=int, default=None, help="training step")
     p.add_argument("--store", default=None, help="activation store of MODEL on --tokens to read means from")
     p.add_argument("--per-token", action="store_true", help="also write per-token values (ablation_tokens.h5)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="where the model runs (default: CUDA when present); with --cluster, on each worker")
     p.add_argument("--overwrite", action="store_true")
+    cluster_arg(p)
 
 
 @command("ablate", "ablate universal neurons as a group (and per layer) "
@@ -42,15 +45,25 @@ def _add_ablate(p):
 def _ablate(a):
     from universal_neurons import AblationConfig, AblationResult, ablation_study, load_universality_table
     from universal_neurons.activations import load_model, load_token_set
+    from universal_neurons.errors import ConfigError
 
     AblationResult.check_out_dir(a.out, overwrite=a.overwrite)
+    if a.cluster and a.per_token:
+        raise ConfigError("--per-token is not available with --cluster (the workers would each hold part of the "
+                          "file); drop --per-token, or run without --cluster")
     cfg = config_from_args(AblationConfig, a, ABLATION_FLAGS)
     table = load_universality_table(a.table)
     ts = load_token_set(a.tokens)
-    lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
     out = Path(a.out)
-    per_token = out / "ablation_tokens.h5" if a.per_token else None
-    res = ablation_study(lm, table, ts, cfg, store=a.store, per_token_path=per_token, overwrite=a.overwrite)
+    if a.cluster:  # the plan is built here, its row shards evaluated on the workers
+        from universal_neurons.distributed import ablation_distributed
+
+        res = ablation_distributed(a.model, table, ts, cfg, cluster=a.cluster, checkpoint=a.checkpoint,
+                                   store=a.store, device=a.device)
+    else:
+        lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device)
+        per_token = out / "ablation_tokens.h5" if a.per_token else None
+        res = ablation_study(lm, table, ts, cfg, store=a.store, per_token_path=per_token, overwrite=a.overwrite)
     res.save(out, overwrite=a.overwrite)
     for r in res.summary.itertuples():
         say(f"{r.group}: {r.n_neurons} neurons, ΔCE {r.delta_ce:+.4f} [{r.delta_ce_lo:+.4f}, {r.delta_ce_hi:+.4f}], "
@@ -63,6 +76,9 @@ def _ablate(a):
          f"of token set {tokens['hash'][:12]} ({tokens['relation_to_study']} relative to the table's) -> {out}")
     for w in res.provenance["warnings"]:
         say(f"WARNING: {w}")
+    if a.cluster:
+        say(f"cluster {a.cluster}: {len(res.provenance['distributed']['shards'])} row shard(s) on "
+            f"{res.provenance['distributed']['workers']} worker(s)")
 
 
 # ---------------------------------------------------------------------------- properties
@@ -83,8 +99,10 @@ def _add_properties(p):
     from universal_neurons.properties import PropertiesConfig
 
     add_flags(p, PropertiesConfig, PROPERTIES_FLAGS)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="where the model runs here (default: CUDA when present); with "
+                                                  "--cluster each worker uses its own GPU when it has one")
     p.add_argument("--overwrite", action="store_true")
+    cluster_arg(p)
 
 
 @command("properties", "per-neuron weight, activation-moment and "
@@ -104,7 +122,7 @@ def _properties(a):
     ts = load_token_set(a.tokens) if a.tokens else None
     lm = load_model(a.model, checkpoint=a.checkpoint, device=a.device, process_weights=not a.no_weight_processing)
     config = config_from_args(PropertiesConfig, a, PROPERTIES_FLAGS)
-    props = neuron_properties(lm, token_set=ts, store=a.store, config=config)
+    props = neuron_properties(lm, token_set=ts, store=a.store, config=config, cluster=a.cluster)
     path = save_properties(props, a.out, overwrite=a.overwrite)
     fam = ", ".join(f"{k} {v}" for k, v in props["family"].value_counts().items())
     say(f"properties of {len(props):,} neurons of {lm.name} (families: {fam}) -> {path}")

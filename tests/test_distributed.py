@@ -353,3 +353,152 @@ def test_moments_and_ablation_without_cluster_run_in_process(tiny_family, ts):
     r = ablation_distributed(tiny_family[0], [(0, 1), (1, 2)], small, cfg, cluster=None, checkpoint=0)
     pd.testing.assert_frame_equal(r.runs, ablation_study(lm, [(0, 1), (1, 2)], small, cfg).runs, check_exact=True)
     assert "distributed" not in r.provenance
+
+
+# ----------------------------------------------------------------------------- every stage that scans tokens
+
+
+def _kill_once_per_kind(kind, shard, block, *, marker_dir, victim, kinds):
+    """Fault injection: for each job kind in `kinds`, the first worker to reach shard `victim` of it dies
+    there with SIGKILL, once per kind."""
+    if kind in kinds:
+        _kill_once(kind, shard, block, marker=os.path.join(marker_dir, kind), victim=victim)
+
+
+def _assert_frames_close(got: pd.DataFrame, want: pd.DataFrame, rtol=1e-9, atol=1e-12):
+    """The same columns and rows; numbers equal up to float association, everything else exactly."""
+    assert list(got.columns) == list(want.columns) and len(got) == len(want)
+    num = want.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(got.drop(columns=num), want.drop(columns=num))
+    np.testing.assert_allclose(got[num].to_numpy(float), want[num].to_numpy(float), rtol=rtol, atol=atol)
+
+
+def test_all_pairs_on_a_cluster_equal_in_process_with_a_killed_worker(client, stores, tmp_path, monkeypatch, capsys):
+    """One distributed correlate per reference: each equals `correlate` with that store first (up to merge order),
+    and the in-process all-pairs result (its one-pass triangle's float32 GEMMs round differently: 1e-6)."""
+    from universal_neurons.pipeline import correlate_stores
+
+    local = correlate_stores(stores, tmp_path / "local.h5", batch_tokens=4096, all_pairs=True)
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(cluster, "before_task", functools.partial(_kill_once, marker=str(marker), victim=1))
+    out = tmp_path / "ap.h5"
+    assert cli(["correlate", *map(str, stores), "--all-pairs", "-o", str(out), "--batch-tokens", "4096",
+                "--cluster", client.scheduler.address]) == 0
+    assert marker.exists()  # a worker died during one reference's correlation
+    assert "preflight, reference b" in capsys.readouterr().out
+    for r, lab in enumerate(("a", "b")):
+        res = CorrelationResult.load(tmp_path / f"ap-ref-{lab}.h5")
+        assert res.provenance["all_pairs"] == "one distributed correlate run per reference"
+        # workers: those alive when this reference was planned (a killed one may not be back yet)
+        assert res.provenance["distributed"]["workers"] in (1, 2) and res.labels == local[lab].labels
+        order = [r, 1 - r]
+        one = correlate(iter_aligned([stores[i] for i in order], batch_tokens=4096), [LAYOUTS[i] for i in order],
+                        CorrelationConfig())
+        _assert_same(one, res)
+        np.testing.assert_allclose(res.max_corr, local[lab].max_corr, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(res.partner, local[lab].partner)
+    client.wait_for_workers(2, timeout=180)  # a loaded machine restarts a worker slowly
+
+
+@pytest.fixture(scope="module")
+def pre_store(tiny_family, ts, tmp_path_factory):
+    """A store of model a holding hook_pre and hook_post (what the properties' store moments read)."""
+    path = tmp_path_factory.mktemp("pre") / "a.h5"
+    return cache_activations(load_model(tiny_family[0], checkpoint=0), ts, path,
+                             config=StoreConfig(dtype="float32", kinds=("post", "pre")), batch_rows=32)
+
+
+def test_properties_cli_on_a_cluster_equals_in_process(client, tiny_family, ts, stores, pre_store, tmp_path):
+    from universal_neurons.distributed import store_moments_distributed
+    from universal_neurons.properties import activation_moments, load_properties
+
+    tokens = ts.save(tmp_path / "tokens.h5")
+    common = ["properties", str(tiny_family[0]), "--checkpoint", "0", "--batch-rows", "32"]
+    for source in (["--tokens", str(tokens)], ["--store", str(pre_store)]):  # live moments, store moments
+        name = source[0][2:]
+        assert cli([*common, *source, "-o", str(tmp_path / f"{name}-here.csv")]) == 0
+        assert cli([*common, *source, "-o", str(tmp_path / f"{name}-cluster.csv"),
+                    "--cluster", client.scheduler.address]) == 0
+        here, there = load_properties(tmp_path / f"{name}-here.csv"), load_properties(tmp_path / f"{name}-cluster.csv")
+        _assert_frames_close(there, here)
+        assert len(there.attrs["provenance"]["moments"]["distributed"]["shards"]) == 4  # 2 per worker
+        assert "distributed" not in here.attrs["provenance"]["moments"]
+    # store moments over uneven token ranges: one process's numbers
+    df0 = activation_moments(pre_store, token_set=ts, batch_rows=7)
+    df1 = store_moments_distributed(pre_store, cluster=client, token_set=ts, n_shards=3, batch_rows=7)
+    _assert_frames_close(df1, df0)
+    with pytest.raises(UniversalNeuronsError, match="hook_pre"):  # refused on the driver, before any task
+        store_moments_distributed(stores[0], cluster=client)
+
+
+@pytest.fixture(scope="module")
+def table_path(stores, tmp_path_factory):
+    """A universality table of model a with a few universal neurons (a low threshold: untrained seeds)."""
+    from universal_neurons import save_universality_table
+
+    res = correlate(iter_aligned(stores, batch_tokens=4096), LAYOUTS, CorrelationConfig())
+    table = universality_table(res, threshold=0.05)
+    assert 0 < table["is_universal"].sum() < 30
+    path = tmp_path_factory.mktemp("table") / "universality.csv"
+    save_universality_table(table, path, provenance=res.provenance)
+    return path
+
+
+def test_ablate_cli_on_a_cluster_equals_in_process(client, tiny_family, ts, table_path, tmp_path, capsys):
+    from universal_neurons.ablation import AblationResult
+
+    tokens = ts.save(tmp_path / "tokens.h5")
+    common = ["ablate", str(tiny_family[0]), "--checkpoint", "0", "--table", str(table_path), "--tokens", str(tokens),
+              "--kind", "mean", "--controls", "2", "--bootstrap", "100", "--batch-rows", "64"]
+    assert cli([*common, "-o", str(tmp_path / "here")]) == 0
+    assert cli([*common, "-o", str(tmp_path / "there"), "--cluster", client.scheduler.address]) == 0
+    assert "row shard(s) on 2 worker(s)" in capsys.readouterr().out
+    here, there = AblationResult.load(tmp_path / "here"), AblationResult.load(tmp_path / "there")
+    assert there.sets == here.sets
+    _assert_frames_close(there.runs, here.runs)
+    _assert_frames_close(there.summary, here.summary)
+    # per-token files are written by one process only: refused before any work
+    assert cli([*common, "-o", str(tmp_path / "pt"), "--per-token", "--cluster", client.scheduler.address]) == 2
+    assert "--per-token is not available with --cluster" in capsys.readouterr().err
+    assert not (tmp_path / "pt").exists()
+
+
+def test_later_stages_of_a_run_on_a_cluster_equal_in_process_with_killed_workers(client, tiny_family, ts, tmp_path,
+                                                                                  monkeypatch):
+    """properties (live moments), ablation and agreement run on the run's cluster; a worker dies in each."""
+    from universal_neurons.ablation import AblationConfig, AblationResult, ablation_stage
+    from universal_neurons.agreement import AgreementConfig, AgreementResult, agreement_stage
+    from universal_neurons.pipeline import PipelineConfig, run_pipeline
+    from universal_neurons.properties import load_properties, properties_stage
+
+    def stages():
+        return [properties_stage(), ablation_stage(AblationConfig(n_controls=2, n_bootstrap=100, batch_rows=64)),
+                agreement_stage(config=AgreementConfig(n_bootstrap=100, batch_rows=64))]
+
+    base = dict(tokens=ts.config, batch_rows=32, store=F32, threshold=0.05)
+    local = run_pipeline(tiny_family, ts, tmp_path / "local", checkpoint=0, config=PipelineConfig(**base),
+                         extra_stages=stages())
+    markers = tmp_path / "killed"
+    markers.mkdir()
+    kinds = ("moments", "ablation", "agreement")
+    monkeypatch.setattr(cluster, "before_task", functools.partial(_kill_once_per_kind, marker_dir=str(markers),
+                                                                  victim=1, kinds=kinds))
+    dist = run_pipeline(tiny_family, ts, tmp_path / "dist", checkpoint=0, extra_stages=stages(),
+                        config=PipelineConfig(**base, cluster=client.scheduler.address))
+    assert sorted(p.name for p in markers.iterdir()) == sorted(kinds)  # a worker died in each stage
+    assert dist.client is None and int(local.table["is_universal"].sum()) > 0
+    pd.testing.assert_frame_equal(dist.table, local.table, check_exact=False, rtol=0, atol=1e-10)
+    for name in ("properties.csv", "property_comparison.csv"):
+        _assert_frames_close(load_properties(tmp_path / "dist" / name), load_properties(tmp_path / "local" / name))
+    assert "distributed" in load_properties(tmp_path / "dist" / "properties.csv").attrs["provenance"]["moments"]
+    a0, a1 = AblationResult.load(tmp_path / "local" / "ablation"), AblationResult.load(tmp_path / "dist" / "ablation")
+    assert a1.sets == a0.sets and a1.provenance["distributed"]["workers"] in (1, 2)  # a killed one may be away
+    _assert_frames_close(a1.runs, a0.runs)
+    _assert_frames_close(a1.summary, a0.summary)
+    g0 = AgreementResult.load(tmp_path / "local" / "agreement")
+    g1 = AgreementResult.load(tmp_path / "dist" / "agreement")
+    _assert_frames_close(g1.table, g0.table)
+    _assert_frames_close(g1.by_step, g0.by_step)
+    for k, v in g0.rows.items():
+        np.testing.assert_allclose(g1.rows[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+    client.wait_for_workers(2, timeout=180)  # the nanny restarts the killed workers (slowly on a loaded machine)

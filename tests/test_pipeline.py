@@ -118,3 +118,105 @@ def test_cli_run_writes_every_stage(tmp_path, tokenizer, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert {"properties", "ablation", "persistence", "report"} <= set(summary)
     assert "report ->" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a directory holds one run
+
+
+def _checksums(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def cli_run(tmp_path, tokenizer):
+    """`universal-neurons run` on a tiny family: the arguments every run below shares."""
+    from tests.conftest import make_family
+
+    fam = make_family(tmp_path / "fam", tokenizer=tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    return ["run", *map(str, fam), "--text", str(text), "--ctx-len", "32", "--batch-rows", "8"]
+
+
+def test_run_refuses_a_directory_of_another_run_before_any_work(cli_run, tmp_path, capsys):
+    """The tester's case: the same directory, another --threshold, no --overwrite."""
+    out = tmp_path / "run"
+    assert cli([*cli_run, "-o", str(out), "--skip", "ablation,agreement"]) == 0, capsys.readouterr().err
+    assert (out / "report.html").exists() and (out / "properties.csv").exists()
+    before = _checksums(out)
+    capsys.readouterr()
+    assert cli([*cli_run, "-o", str(out), "--skip", "ablation,agreement", "--threshold", "0.001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "config.threshold: 0.5 -> 0.001" in err and "--overwrite" in err and "whole run" in err
+    assert _checksums(out) == before  # not one file written, rewritten or removed
+    # other labels, or other text, are other runs too; the same run is let through (and reuses its stages)
+    assert cli([*cli_run, "-o", str(out), "--skip", "ablation,agreement", "--labels", "x,y"]) == 2
+    assert "labels" in capsys.readouterr().err and _checksums(out) == before
+    assert cli([*cli_run, "-o", str(out), "--skip", "ablation,agreement"]) == 0
+
+
+def test_overwrite_replaces_the_whole_run(cli_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli([*cli_run, "-o", str(out), "--threshold", "0.05"]) == 0, capsys.readouterr().err
+    old = _checksums(out)
+    assert {"ablation/ablation.json", "agreement/agreement.json", "properties.csv", "report.html"} <= set(old)
+    # a run with another threshold that skips the ablation, the agreement and the report
+    assert cli([*cli_run, "-o", str(out), "--threshold", "0.001", "--skip", "ablation,agreement,report",
+                "--overwrite"]) == 0, capsys.readouterr().err
+    new = _checksums(out)
+    stale = [f for f in new if f.startswith(("ablation/", "agreement/")) or f == "report.html"]
+    assert not stale, stale  # nothing of the earlier run survives next to the new results
+    assert not (out / ".replaced-run").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    table = load_universality_table(out / "universality.csv")
+    assert summary["universality"]["threshold"] == 0.001 and summary["run"]["config"]["threshold"] == 0.001
+    assert summary["universality"]["universal"] == int(table["is_universal"].sum())
+    assert "ablation" not in summary and "report" not in summary
+    assert new["property_comparison.csv"] != old["property_comparison.csv"]  # this run's universal set
+    # and once more with the report: it agrees with the summary next to it
+    assert cli([*cli_run, "-o", str(out), "--threshold", "0.2", "--skip", "ablation,agreement",
+                "--overwrite"]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["universality"]["threshold"] == 0.2 and "exceeds <b>0.2</b>" in (out / "report.html").read_text()
+
+
+def test_a_failed_overwrite_puts_the_earlier_run_back(tiny_family, tmp_path):
+    out = tmp_path / "run"
+    run_pipeline(tiny_family, TEXT, out, config=CFG)
+    before = _checksums(out)
+
+    def boom(result):
+        assert not (result.out_dir / "summary.json").exists()  # the earlier run is aside while this one runs
+        raise RuntimeError("a stage failed")
+
+    other = PipelineConfig(tokens=TokenSetConfig(ctx_len=32), batch_rows=8, threshold=0.01)
+    with pytest.raises(RuntimeError, match="a stage failed"):
+        run_pipeline(tiny_family, TEXT, out, config=other, overwrite=True, extra_stages=[boom])
+    assert _checksums(out) == before and not (out / ".replaced-run").exists()
+
+
+def test_where_a_run_computes_is_not_what_defines_it():
+    from universal_neurons.run_directory import run_differences
+
+    a = {"config": {"device": "cpu", "cluster": None, "threshold": 0.5, "correlation": {"device": "auto", "seed": 0}}}
+    b = {"config": {"device": "cuda", "cluster": "local:2", "threshold": 0.5, "correlation": {"device": "cuda",
+                                                                                            "seed": 0}},
+         "models": ["x"]}  # a summary written before models were recorded does not compare them
+    assert run_differences(a, b) == []
+    b["config"]["correlation"]["seed"] = 1
+    assert run_differences(a, b) == ["config.correlation.seed: 0 -> 1"]
+
+
+def test_a_run_given_tokens_is_defined_by_them_not_by_tokenising_settings():
+    from universal_neurons.run_directory import run_differences
+
+    from_text = {"text": {"texts": 3, "sha256": "abc"}, "config": {"tokens": {"ctx_len": 32}, "threshold": 0.5}}
+    from_tokens = {"text": {"token_set": "h1"}, "config": {"tokens": {"ctx_len": 512}, "threshold": 0.5}}
+    assert run_differences(from_text, from_tokens, studied="h1") == []  # the tokens that text gave
+    assert run_differences(from_text, from_tokens, studied="h2") == ["text.token_set: 'h2' -> 'h1'"]
+    # text after tokens: compared once tokenised, by the token set stage (tokens.h5 of other tokens is refused)
+    assert run_differences(from_tokens, from_text, studied="h1") == []

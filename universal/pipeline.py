@@ -5,10 +5,13 @@
     out_dir/stores/<label>.h5     activations of each model (skipped with cache=False)
     out_dir/correlation.h5        max-correlation, partners and baselines per pair (a, m)
     out_dir/universality.csv/.h5  the universality table
-    out_dir/summary.json          headline numbers and the provenance of every input
+    out_dir/summary.json          headline numbers, the provenance of every input, and what defines the run
 
-A stage whose output already exists is reused when it was made from the same inputs, and
-refused (never silently overwritten) when it was not, unless `overwrite=True`.
+A directory holds one run. One that holds a run of other models, text, checkpoint, labels or
+settings (its summary.json says) is refused before any work unless `overwrite=True`, which
+replaces the earlier run as a whole (`run_directory.py`). In a directory of the same run, a
+stage whose output already exists is reused when it was made from the same inputs, and refused
+(never silently overwritten) when it was not.
 """
 
 from __future__ import annotations
@@ -48,7 +51,14 @@ from .correlation import (
     preflight,
     preflight_all_pairs,
 )
-from .distributed import cache_distributed, correlate_distributed, live_shards, using_cluster
+from .distributed import (
+    cache_distributed,
+    correlate_all_pairs_distributed,
+    correlate_distributed,
+    live_shards,
+    using_cluster,
+)
+from .run_directory import check_same_run, replacing_run, run_identity
 from .training import seed_label
 from .universality import check_threshold, save_universality_table, universality_table
 
@@ -90,7 +100,9 @@ class PipelineConfig(Config):
 
 @dataclass
 class PipelineResult:
-    """What `run_pipeline` made; `held_out` = the rows kept out of the study (None when none were)."""
+    """What `run_pipeline` made; `held_out` = the rows kept out of the study (None when none were);
+    `client` = the run's Dask client while its later stages run (`PipelineConfig.cluster`), so they
+    run on the same cluster; None in process, and once `run_pipeline` has returned."""
 
     out_dir: Path
     labels: list[str]
@@ -100,6 +112,7 @@ class PipelineResult:
     summary: dict[str, Any]
     model_provenance: list[dict[str, Any]]
     held_out: TokenSet | None = None
+    client: Any = field(default=None, repr=False)
 
 
 def _saved(ts: TokenSet, path: Path, overwrite: bool, what: str) -> TokenSet:
@@ -172,12 +185,18 @@ def run_pipeline(
         checkpoint: training step loaded for every model (None = final weights).
         labels: short names per model (default `a, b, c, ...`).
         extra_stages: later stages (properties, ablation, ...) called with the result; what
-            each returns is added to the summary.
+            each returns is added to the summary. With `config.cluster` they find the run's
+            client in `result.client` (the properties, ablation and agreement stages use it).
+        overwrite: replace an earlier run in `out_dir` as a whole: its outputs are moved aside,
+            deleted once this run has finished (also those of stages this run skips), and put
+            back if it fails.
 
     Returns:
         a `PipelineResult`.
 
     Raises:
+        OutputExistsError: `out_dir` holds a run of other models, text, checkpoint, labels or
+            settings and not `overwrite` (before any work; the message names what differs).
         InputError: the text leaves no row to study or none to hold out (before any activation
             is cached).
         UniversalNeuronsError: a model or checkpoint that cannot be loaded here (every model is
@@ -191,6 +210,8 @@ def run_pipeline(
     for m in models:  # every model before loading the first: a missing last one is found in seconds, not hours
         check_available(m, checkpoint)
     out = Path(out_dir)
+    identity = run_identity(models, text, checkpoint=checkpoint, labels=labels, config=config)
+    check_same_run(out, identity, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     lms = [load_model(m, checkpoint=checkpoint, device=config.device, process_weights=config.process_weights)
            for m in models]
@@ -198,15 +219,22 @@ def run_pipeline(
     if len(shapes) > 1:
         raise IncompatibleInputsError(f"the models have different shapes (n_layers, d_mlp): {sorted(shapes)}; "
                                     "a seed family shares one architecture")
+    with replacing_run(out, overwrite=overwrite):
+        return _run(models, lms, labels, text, out, checkpoint, config, overwrite, extra_stages, identity)
+
+
+def _run(models, lms, labels, text, out: Path, checkpoint, config: PipelineConfig, overwrite: bool, extra_stages,
+         identity: dict[str, Any]) -> PipelineResult:
+    """Every stage, from the token sets on, into a directory this run may write."""
     ts, held = _token_sets(text, lms[0].tokenizer, config, out, overwrite)
     log.info("token set: %d rows x %d = %d tokens (%d counted), hash %s", ts.n_rows, ts.ctx_len, ts.n_tokens,
              ts.n_counted, ts.hash[:12])
     if held is not None:
         log.info("held-out token set (for the ablation): %d rows, hash %s", held.n_rows, held.hash[:12])
 
-    with using_cluster(config.cluster) as client:
+    with using_cluster(config.cluster) as client:  # open until the later stages are done: they run on it too
         result = _correlate_stage(models, lms, labels, ts, out, checkpoint, config, overwrite, client)
-    return _finish(result, lms, labels, ts, out, config, extra_stages, held)
+        return _finish(result, lms, labels, ts, out, config, extra_stages, held, identity, client)
 
 
 def _model_identity(prov: dict[str, Any]) -> list[Any]:
@@ -360,7 +388,8 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
         labels: short names per store (default `a, b, c, ...`).
         config: the engine's settings.
         batch_tokens: tokens per streamed batch.
-        cluster: a Dask client or spec; None runs here (all-pairs runs here only).
+        cluster: a Dask client or spec; None runs here. With `all_pairs`, one distributed
+            correlate per reference (`correlate_all_pairs_distributed`).
         all_pairs: every model as the reference in turn (beyond the paper).
         full_matrix_path: also write the full matrices (not with `all_pairs`).
         provenance: extra provenance (token set details, mask); the stores' models, paths and
@@ -375,8 +404,8 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
         The `CorrelationResult`, or with `all_pairs` a dict label -> result.
 
     Raises:
-        ConfigError: labels that do not match the stores, an output that is an input,
-            `full_matrix_path` with `all_pairs`, or `all_pairs` with a cluster.
+        ConfigError: labels that do not match the stores, an output that is an input, or
+            `full_matrix_path` with `all_pairs`.
         IncompatibleInputsError: a store given twice, or two stores of the same model and
             checkpoint without `allow_same_model`.
         OutputExistsError: an output exists and `overwrite` is False (before any work).
@@ -388,9 +417,6 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
     if all_pairs and full_matrix_path:
         raise ConfigError("--full-matrix is not available with --all-pairs; run `correlate` with the "
                           "reference's store first for its full matrices")
-    if all_pairs and cluster is not None:
-        raise ConfigError("--all-pairs does not run on a cluster yet; run one `correlate --cluster` per reference "
-                          "(list its store first)")
     outs = all_pairs_paths(out, labels) if all_pairs else [Path(out)]
     for path in [*outs, *([full_matrix_path] if full_matrix_path else [])]:
         check_not_input(path, stores)
@@ -408,8 +434,15 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
     if not all_pairs:
         return correlate_source(source, layouts, out, config=config, provenance=prov, cluster=cluster,
                                 full_matrix_path=full_matrix_path, overwrite=overwrite, say=say)
-    say(f"preflight: {preflight_all_pairs(layouts, source.n_tokens, config)['summary']}")
-    results = correlate_all_pairs(source, layouts, config, provenance=prov)
+    if cluster is not None:
+        for r, lay in enumerate(layouts):  # every reference is one distributed correlate of its own
+            order = [r] + [i for i in range(len(layouts)) if i != r]
+            say(f"preflight, reference {lay.label}: "
+                f"{preflight([layouts[i] for i in order], source.n_tokens, config)['summary']}")
+        results = correlate_all_pairs_distributed(source, layouts, config, cluster=cluster, provenance=prov)
+    else:
+        say(f"preflight: {preflight_all_pairs(layouts, source.n_tokens, config)['summary']}")
+        results = correlate_all_pairs(source, layouts, config, provenance=prov)
     for (lab, res), path in zip(results.items(), outs):
         res.save(path, overwrite=overwrite)
         say(f"reference {lab}: -> {path}")
@@ -417,7 +450,7 @@ def correlate_stores(stores: Sequence[str | os.PathLike], out: str | os.PathLike
 
 
 def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, config: PipelineConfig,
-            extra_stages, held: TokenSet | None) -> PipelineResult:
+            extra_stages, held: TokenSet | None, identity: dict[str, Any], client) -> PipelineResult:
     prov = result.provenance
     table = universality_table(result, threshold=config.threshold)
     for ext in ("csv", "h5"):
@@ -425,6 +458,7 @@ def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, con
     summary = {
         **provenance_base("pipeline_summary"),
         "out_dir": str(out),
+        "run": identity,
         "config": config.to_dict(),
         "inputs": prov,
         "universality": family_summary(table, result, config.threshold),
@@ -433,8 +467,9 @@ def _finish(result: CorrelationResult, lms, labels, ts: TokenSet, out: Path, con
             "disjoint_from": ts.hash, "rule": held.source.get("held_out_from", {}).get("rule")},
     }
     res = PipelineResult(out_dir=out, labels=labels, token_set=ts, correlation=result, table=table,
-                         summary=summary, model_provenance=[lm.provenance for lm in lms], held_out=held)
+                         summary=summary, model_provenance=[lm.provenance for lm in lms], held_out=held, client=client)
     for stage in extra_stages:
         summary.update(stage(res) or {})
     write_json(out / "summary.json", summary, overwrite=True)
+    res.client = None  # closed with the run
     return res

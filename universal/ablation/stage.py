@@ -12,7 +12,7 @@ from universal_neurons.artifacts import plain, reuse_or_refuse
 from .config import AblationConfig
 from .means import neuron_means
 from .output import AblationResult
-from .plan import ablation_study
+from .plan import AblationPlan, ablation_study
 
 __all__ = ["ablation_stage"]
 
@@ -24,8 +24,8 @@ _HEADLINE = ["group", "n_neurons", "delta_ce", "delta_ce_lo", "delta_ce_hi", "co
 
 
 def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: TokenSet | None = None,
-                   subdir: str = "ablation", overwrite: bool = False,
-                   device: str | None = None) -> Callable[[Any], dict[str, Any]]:
+                   subdir: str = "ablation", overwrite: bool = False, device: str | None = None,
+                   cluster: Any = None) -> Callable[[Any], dict[str, Any]]:
     """A stage for `run_pipeline(extra_stages=[...])`: the ablation study of the reference model (`a`).
 
     The model is reloaded exactly as the pipeline loaded it. It is evaluated on held-out tokens:
@@ -45,6 +45,11 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
         subdir: the stage's folder inside the pipeline's output directory.
         overwrite: recompute and replace an existing result.
         device: where the model is reloaded; None picks CUDA when present.
+        cluster: a Dask client or spec to evaluate the study on: the plan (sets, controls, means)
+            is built here, its evaluation split over row shards on the workers (each loads the
+            model), the same result as in process; None: the run's own cluster
+            (`PipelineResult.client`, from `PipelineConfig.cluster`), or in process when the run
+            has none.
 
     Returns:
         `stage(result: PipelineResult) -> {"ablation": {dir, kind, positions, tokens, warnings,
@@ -81,7 +86,15 @@ def ablation_stage(config: AblationConfig = AblationConfig(), *, eval_tokens: To
             store_path = Path(result.out_dir) / "stores" / f"{result.labels[0]}.h5"
             means = (neuron_means(store_path, result.token_set) if store_path.exists()
                      else neuron_means(lm, result.token_set, batch_rows=min(64, config.batch_rows or 16)))
-        res = ablation_study(lm, result.table, ts, config, means=means, study_hash=result.token_set.hash)
+        on = cluster if cluster is not None else getattr(result, "client", None)
+        if on is None:
+            res = ablation_study(lm, result.table, ts, config, means=means, study_hash=result.token_set.hash)
+        else:
+            # imported here: universal_neurons.distributed imports this package
+            from universal_neurons.distributed import ModelSpec, evaluate_plan_distributed
+
+            plan = AblationPlan.build(lm, result.table, ts, config, means=means, study_hash=result.token_set.hash)
+            res = evaluate_plan_distributed(plan, ModelSpec.from_provenance(prov), ts, cluster=on, device=device)
         res.provenance["means"] = f"pipeline token set {result.token_set.hash[:12]}" if means is not None else None
         res.save(out, overwrite=overwrite)
         return {"ablation": _headline(res, out)}

@@ -24,9 +24,11 @@ The parts:
     result.py   AgreementResult: bootstrap summary, the per-pair and per-step tables, files
     run.py      functional_agreement, agreement_over_checkpoints
     stage.py    agreement_stage for run_pipeline
+    cluster.py  agreement_row_sums_distributed: the per-row sums over row shards on a Dask cluster
     figure.py   fig_agreement
 """
 
+from .cluster import agreement_row_sums_distributed
 from .config import DTYPES, METRICS, PAIR_MODES, AgreementConfig
 from .figure import fig_agreement
 from .kernel import PairRowSums, agreement_row_sums, pair_divergences
@@ -45,6 +47,7 @@ __all__ = [
     "PairRowSums",
     "agreement_over_checkpoints",
     "agreement_row_sums",
+    "agreement_row_sums_distributed",
     "agreement_stage",
     "fig_agreement",
     "functional_agreement",

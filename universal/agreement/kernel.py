@@ -46,6 +46,12 @@ class PairRowSums:
         v = self.values
         return PairRowSums(n=self.n, values={**v, "kl_am": v["kl_ma"], "kl_ma": v["kl_am"]})
 
+    @classmethod
+    def concat(cls, parts: Sequence[PairRowSums]) -> PairRowSums:
+        """The sums of consecutive row shards, in row order, as one (what a cluster run gathers)."""
+        return cls(n=np.concatenate([p.n for p in parts]),
+                   values={m: np.concatenate([p.values[m] for p in parts], axis=1) for m in parts[0].values})
+
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`(x * y).sum(-1)` for `[..., d_vocab]` tensors: on CPU as a batched GEMV (no temporary,
@@ -100,7 +106,7 @@ def auto_batch_rows(n_models: int, ts: TokenSet, d_vocab: int, dtype: str, batch
 
 def agreement_row_sums(lms: Sequence[LoadedModel], ts: TokenSet, pairs: Sequence[tuple[int, int]], *,
                        dtype: str = "float64", batch_rows: int | None = None, desc: str = "agreement",
-                       progress_bar: bool | None = None) -> PairRowSums:
+                       progress_bar: bool | None = None, require_counted: bool = True) -> PairRowSums:
     """Per-row sums of the pairs' divergences and argmax agreements over the counted predictions.
 
     The logits at position `pos` predict token `pos + 1`; that prediction is counted iff
@@ -115,15 +121,18 @@ def agreement_row_sums(lms: Sequence[LoadedModel], ts: TokenSet, pairs: Sequence
         batch_rows: rows per forward pass (None: automatic).
         desc: the progress bar's label.
         progress_bar: None follows the global switch.
+        require_counted: refuse a token set without a counted prediction; False for a row
+            shard of a larger set (a cluster task), which may have none.
 
     Returns:
         `PairRowSums` over `ts.n_rows` rows and `len(pairs)` pairs.
 
     Raises:
-        InputError: the token set has no counted prediction.
+        InputError: the token set has no counted prediction (with `require_counted`).
     """
     counted_all = counted_predictions(ts.mask)  # [row, pos]
-    check_counted(counted_all)
+    if require_counted:
+        check_counted(counted_all)
     R, P = ts.n_rows, len(pairs)
     used = sorted({i for pair in pairs for i in pair})
     tdtype = _TORCH_DTYPES[dtype]

@@ -18,10 +18,12 @@ from universal_neurons.activations.tokens import tokenizer_info
 from universal_neurons.errors import ConfigError, IncompatibleInputsError
 from universal_neurons.runtime import provenance_base
 
+from ..distributed import ModelSpec, using_cluster
 from ..persistence import resolve_steps
 from ..training import seed_label
+from .cluster import agreement_row_sums_distributed
 from .config import METRICS, AgreementConfig
-from .kernel import PairRowSums, agreement_row_sums
+from .kernel import PairRowSums, agreement_row_sums, auto_batch_rows
 from .result import AgreementResult, summarise
 
 __all__ = ["functional_agreement", "agreement_over_checkpoints", "model_spec", "pair_indices", "DEFINITIONS"]
@@ -110,8 +112,13 @@ def _final_step(model: Any) -> int | None:
 
 
 def _at_step(lms: Sequence[LoadedModel], ts: TokenSet, pairs: list[tuple[int, int]], config: AgreementConfig,
-             desc: str) -> PairRowSums:
+             desc: str, client: Any = None, device: str | None = None) -> PairRowSums:
     _check_family(lms, ts)
+    if client is not None:
+        rows = auto_batch_rows(len({i for pair in pairs for i in pair}), ts, lms[0].d_vocab, config.dtype,
+                               config.batch_rows)  # the batches one process would run
+        return agreement_row_sums_distributed([ModelSpec.from_provenance(lm.provenance) for lm in lms], ts, pairs,
+                                              cluster=client, batch_rows=rows, dtype=config.dtype, device=device)
     with torch.inference_mode():
         return agreement_row_sums(lms, ts, pairs, dtype=config.dtype, batch_rows=config.batch_rows, desc=desc)
 
@@ -139,8 +146,20 @@ def _model_record(label: str, lm: LoadedModel) -> dict[str, Any]:
 
 
 def _compute(models: Sequence[Any], steps: Sequence[int | None], ts: TokenSet, *, labels: Sequence[str] | None,
-             config: AgreementConfig, device: str | None, process_weights: bool, tokens: str | None) -> AgreementResult:
+             config: AgreementConfig, device: str | None, process_weights: bool, tokens: str | None,
+             cluster: Any = None) -> AgreementResult:
     """Every pair at every step in `steps` (None: the models as given or their final weights)."""
+    if cluster is None:
+        return _compute_steps(models, steps, ts, labels=labels, config=config, device=device,
+                              process_weights=process_weights, tokens=tokens, client=None)
+    with using_cluster(cluster) as client:  # one cluster for every step
+        return _compute_steps(models, steps, ts, labels=labels, config=config, device=device,
+                              process_weights=process_weights, tokens=tokens, client=client)
+
+
+def _compute_steps(models: Sequence[Any], steps: Sequence[int | None], ts: TokenSet, *, labels: Sequence[str] | None,
+                   config: AgreementConfig, device: str | None, process_weights: bool, tokens: str | None,
+                   client: Any) -> AgreementResult:
     if len(models) < 2:
         raise ConfigError(f"agreement compares at least two models, got {len(models)}")
     labels = list(labels) if labels else [seed_label(k) for k in range(len(models))]
@@ -156,7 +175,7 @@ def _compute(models: Sequence[Any], steps: Sequence[int | None], ts: TokenSet, *
         here = step if step is not None else _step_of(lms[0])
         log.info("agreement at step %s (%d of %d): %d pairs over %d rows", here, k + 1, len(steps), len(pairs),
                  ts.n_rows)
-        res = _at_step(lms, ts, pairs, config, desc=f"agreement, step {here}")
+        res = _at_step(lms, ts, pairs, config, desc=f"agreement, step {here}", client=client, device=device)
         runs[str(here)] = [_model_record(label, lm) for label, lm in zip(labels, lms)]
         ordered = [(pairs, res)] + ([([(j, i) for i, j in pairs], res.swapped())] if config.pairs == "ordered" else [])
         for pair_list, part in ordered:
@@ -195,6 +214,7 @@ def functional_agreement(
     device: str | None = None,
     process_weights: bool = False,
     tokens: str | None = None,
+    cluster: Any = None,
 ) -> AgreementResult:
     """How alike the models' next-token distributions are on `token_set`, pair by pair.
 
@@ -218,6 +238,9 @@ def functional_agreement(
             does not change the next-token distributions (the unembedding is centred, the
             softmax shift-invariant) and costs load time.
         tokens: a note recorded with the token set (which tokens these are, e.g. 'held-out').
+        cluster: a Dask client or spec (`universal_neurons.distributed.connect`): the forward
+            passes run on its workers, split over row shards (each worker loads the models; the
+            result equals the in-process one); None runs here.
 
     Returns:
         An `AgreementResult`; steps ascending, step 0 rows have `at_init=True`.
@@ -236,7 +259,7 @@ def functional_agreement(
     if (init or (init is None and _init_available(models))) and here != 0:
         steps.append(0)
     return _compute(models, steps, token_set, labels=labels, config=config, device=device,
-                    process_weights=process_weights, tokens=tokens)
+                    process_weights=process_weights, tokens=tokens, cluster=cluster)
 
 
 def agreement_over_checkpoints(
@@ -250,6 +273,7 @@ def agreement_over_checkpoints(
     device: str | None = None,
     process_weights: bool = False,
     tokens: str | None = None,
+    cluster: Any = None,
 ) -> AgreementResult:
     """`functional_agreement` at every checkpoint, on one token set.
 
@@ -257,7 +281,7 @@ def agreement_over_checkpoints(
         models: hub names (with `steps`) or local seed directories holding `checkpoint-<step>/`.
         steps: the checkpoint steps; None = every step all the seed directories saved.
         token_set: the rows to compare on.
-        labels, config, device, process_weights, tokens: as in `functional_agreement`.
+        labels, config, device, process_weights, tokens, cluster: as in `functional_agreement`.
         init: add step 0 when missing from `steps`: None = when every seed directory saved it.
 
     Returns:
@@ -274,4 +298,4 @@ def agreement_over_checkpoints(
     if (init or (init is None and _init_available(models))) and 0 not in wanted:
         wanted = [0, *wanted]
     return _compute(models, sorted(wanted), token_set, labels=labels, config=config, device=device,
-                    process_weights=process_weights, tokens=tokens)
+                    process_weights=process_weights, tokens=tokens, cluster=cluster)

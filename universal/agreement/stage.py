@@ -60,7 +60,8 @@ def _headline(res: AgreementResult, out: Path) -> dict[str, Any]:
 
 def agreement_stage(*, steps: Sequence[int] | None = None, tokens: TokenSet | None = None,
                     config: AgreementConfig = AgreementConfig(), init: bool | None = None, subdir: str = "agreement",
-                    device: str | None = None, overwrite: bool = False) -> Callable[[Any], dict[str, Any]]:
+                    device: str | None = None, overwrite: bool = False,
+                    cluster: Any = None) -> Callable[[Any], dict[str, Any]]:
     """A `run_pipeline(extra_stages=[...])` stage: functional agreement of the run's models.
 
     Tokens: `tokens` when given, else the run's held-out rows when its folder has
@@ -81,6 +82,9 @@ def agreement_stage(*, steps: Sequence[int] | None = None, tokens: TokenSet | No
         subdir: the stage's folder inside the run's directory.
         device: where the models run; None picks CUDA when present.
         overwrite: recompute and replace an existing result.
+        cluster: a Dask client or spec to run the forward passes on (row shards); None: the
+            run's own cluster (`PipelineResult.client`, from `PipelineConfig.cluster`), or in
+            process when the run has none.
 
     Returns:
         `stage(result: PipelineResult) -> {"agreement": {dir, pairs, steps, tokens, by_step, files}}`,
@@ -108,13 +112,14 @@ def agreement_stage(*, steps: Sequence[int] | None = None, tokens: TokenSet | No
                            what="set of agreement results"):
             log.info("reusing %s", out)
             return {"agreement": _headline(AgreementResult.load(out), out)}
+        on = cluster if cluster is not None else getattr(result, "client", None)
         if wanted is not None and len(wanted) > 1:
             res = agreement_over_checkpoints(specs, wanted, ts, labels=labels, config=config, init=init,
-                                             device=device, tokens=which)
+                                             device=device, tokens=which, cluster=on)
         else:
             step = wanted[0] if wanted else here
             res = functional_agreement(specs, ts, checkpoint=step, labels=labels, config=config, init=init,
-                                       device=device, tokens=which)
+                                       device=device, tokens=which, cluster=on)
         res.save(out, overwrite=overwrite)
         return {"agreement": _headline(res, out)}
 

@@ -108,7 +108,7 @@ def before_task(kind: str, shard: int, block: int) -> None:
     the workers with each of its tasks (pickled), so a replacement reaches worker processes too.
 
     Args:
-        kind: the job: 'correlate', 'cache', 'moments' or 'ablation'.
+        kind: the job: 'correlate', 'cache', 'moments', 'ablation' or 'agreement'.
         shard: the task's token shard.
         block: the task's reference block (correlate), else 0.
     """

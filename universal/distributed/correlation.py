@@ -1,5 +1,6 @@
 """The correlation stage on a cluster: one task per (token shard, reference block) accumulates a
-`CorrelationPartial`; the driver merges each block's partials in shard order and finalises."""
+`CorrelationPartial`; the driver merges each block's partials in shard order and finalises. All
+pairs: the same, once per reference."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from universal_neurons.correlation import (
 from universal_neurons.errors import UniversalNeuronsError
 
 from .cluster import new_run, submit, using_cluster, worker_count
-from .shards import ShardedSource, as_sharded, shard_ranges, task_source
+from .shards import ShardedSource, as_sharded, reordered, shard_ranges, task_source
 
-__all__ = ["correlate_distributed"]
+__all__ = ["correlate_distributed", "correlate_all_pairs_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +97,42 @@ def correlate_distributed(source, layouts: Sequence[ModelLayout], config: Correl
         finally:
             if futures:
                 client.cancel(list(futures.values()))
+
+
+def correlate_all_pairs_distributed(source, layouts: Sequence[ModelLayout], config: CorrelationConfig | None = None, *,
+                                    cluster, n_shards: int | None = None,
+                                    provenance: dict[str, Any] | None = None) -> dict[str, CorrelationResult]:
+    """Every model as the reference in turn, on a cluster: one `correlate_distributed` per reference.
+
+    Each reference's result is `correlate_distributed` of the source with that model first, so it
+    equals `correlate` run with that model first, which is what `correlate_all_pairs` gives in
+    process (its one-pass triangle equals it up to floating-point association). The cost is that
+    of separate runs: the source is read (or its models run) once per reference and every pair's
+    co-moments are computed from both sides, twice the GEMMs of the triangle; the references'
+    tasks share the cluster one after the other.
+
+    Args:
+        source: as for `correlate_distributed`, models in the order of `layouts`.
+        layouts: every model of the family.
+        config: as for `correlate`.
+        cluster: a `distributed.Client` or a spec (`connect`); opened once for every reference.
+        n_shards: token shards per reference (default 2 per worker).
+        provenance: stored with every result.
+
+    Returns:
+        label -> `CorrelationResult`, in the order of `layouts`; each result's provenance says
+        `all_pairs` = how it was computed, and `distributed` as for `correlate_distributed`.
+    """
+    config = config or CorrelationConfig()
+    src = as_sharded(source)
+    layouts = list(layouts)
+    results = {}
+    with using_cluster(cluster) as client:
+        for r, lay in enumerate(layouts):
+            order = [r] + [i for i in range(len(layouts)) if i != r]
+            log.info("all pairs on the cluster: reference %s (%d of %d)", lay.label, r + 1, len(layouts))
+            res = correlate_distributed(reordered(src, order), [layouts[i] for i in order], config, cluster=client,
+                                        n_shards=n_shards, provenance=provenance)
+            res.provenance["all_pairs"] = "one distributed correlate run per reference"
+            results[lay.label] = res
+    return results

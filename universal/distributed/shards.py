@@ -16,8 +16,8 @@ import torch
 from universal_neurons.activations import ActivationStore, AlignedSource, LiveSource, TokenSet, load_model
 from universal_neurons.errors import ConfigError, IncompatibleInputsError, InputError
 
-__all__ = ["ModelSpec", "ShardedSource", "as_sharded", "batch_shards", "live_shards", "row_shards", "shard_ranges",
-           "store_shards", "task_source", "worker_model"]
+__all__ = ["ModelSpec", "ShardedSource", "as_sharded", "batch_shards", "live_shards", "reordered", "row_shards",
+           "shard_ranges", "store_shards", "task_source", "worker_model"]
 
 
 class ShardedSource:
@@ -118,6 +118,16 @@ class ModelSpec:
     process_weights: bool
     dtype: str
 
+    @classmethod
+    def from_provenance(cls, provenance: dict[str, Any]) -> ModelSpec:
+        """The model a `LoadedModel.provenance` names, as `load_from_provenance` reloads it: a local
+        model from its (checkpoint) directory, a hub model from its repository at its checkpoint,
+        with the recorded weight processing and dtype."""
+        local = provenance.get("source") == "local"
+        return cls(str(provenance["resolved"]), None if local else provenance.get("checkpoint"),
+                   bool((provenance.get("weight_processing") or {}).get("fold_ln", True)),
+                   str(provenance.get("dtype") or "float32"))
+
 
 _WORKER_MODELS: dict[tuple, Any] = {}  # per worker process: models stay loaded between tasks
 
@@ -208,6 +218,41 @@ def batch_shards(batches: Sequence) -> ShardedSource:
     """In-memory `(mask, acts)` batches as a sharded source: each task is sent only its own
     batches (tests and small data; real runs read stores or run models on the workers)."""
     return _ListShards(tuple(batches))
+
+
+# ----------------------------------------------------------------------------- another reference
+
+
+@dataclass(frozen=True)
+class _ReorderedShards(ShardedSource):
+    source: ShardedSource
+    order: tuple[int, ...]
+
+    @property
+    def n_batches(self) -> int:  # type: ignore[override]
+        return self.source.n_batches
+
+    def batches(self, b0, b1):
+        for mask, acts in self.source.batches(b0, b1):
+            yield mask, [acts[i] for i in self.order]
+
+    def shard(self, b0, b1) -> _ReorderedShards:
+        return _ReorderedShards(task_source(self.source, b0, b1), self.order)
+
+
+def reordered(source: ShardedSource, order: Sequence[int]) -> ShardedSource:
+    """`source` with its models in another order, e.g. another model first as the reference.
+
+    Args:
+        source: a `ShardedSource`.
+        order: model indices, the new reference first.
+
+    Returns:
+        The `ShardedSource` whose batches hold `[acts[i] for i in order]`.
+    """
+    if isinstance(source, _StoreShards):  # stores: only the paths change places
+        return dataclasses.replace(source, paths=tuple(source.paths[i] for i in order))
+    return _ReorderedShards(source, tuple(order))
 
 
 def as_sharded(source) -> ShardedSource:

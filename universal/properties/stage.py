@@ -33,6 +33,7 @@ def neuron_properties(
     store: ActivationStore | str | os.PathLike | None = None,
     config: PropertiesConfig = PropertiesConfig(),
     model_provenance: dict[str, Any] | None = None,
+    cluster: Any = None,
 ) -> pd.DataFrame:
     """Every property of every neuron of `lm` in one table (see the package docstring for columns).
 
@@ -43,6 +44,9 @@ def neuron_properties(
             given); neither `store` nor `token_set`: weight columns only.
         config: family rule and cuts, batch sizes.
         model_provenance: recorded instead of `lm.provenance` (e.g. the run's, with its checkpoint).
+        cluster: a Dask client or spec (`universal_neurons.distributed.connect`): the activation
+            moments are computed on its workers over row shards (each worker loads `lm` from its
+            provenance, or reads its part of `store`), merged exactly; None runs here.
 
     Returns:
         DataFrame `[layer*d_mlp rows]`, provenance in `df.attrs['provenance']`, with the moment
@@ -54,8 +58,7 @@ def neuron_properties(
     df = weight_properties(lm, config=config)
     moments: dict[str, Any] | None = None
     if store is not None or token_set is not None:
-        src = store if store is not None else lm
-        act = activation_moments(src, token_set=token_set, batch_rows=config.batch_rows)
+        act = _moments(lm, token_set, store, config, cluster)
         if len(act) != len(df) or not (act["layer"].to_numpy() == df["layer"].to_numpy()).all():
             raise IncompatibleInputsError(f"the activations cover {len(act)} neurons (layers "
                                           f"{sorted(set(act['layer']))}) but {lm.name} has {len(df)} "
@@ -72,6 +75,23 @@ def neuron_properties(
         "families": family_cuts(config),
     }
     return df
+
+
+def _moments(lm: LoadedModel, token_set: TokenSet | None, store: ActivationStore | str | os.PathLike | None,
+             config: PropertiesConfig, cluster: Any) -> pd.DataFrame:
+    """The activation moments of `lm`, from `store` when given, else live over `token_set`; on `cluster` if given."""
+    if cluster is None:
+        return activation_moments(store if store is not None else lm, token_set=token_set, batch_rows=config.batch_rows)
+    # imported here: universal_neurons.distributed imports this package
+    from universal_neurons.distributed import ModelSpec, moments_distributed, store_moments_distributed
+
+    if store is not None:
+        path = store.path if isinstance(store, ActivationStore) else store
+        return store_moments_distributed(path, cluster=cluster, token_set=token_set, batch_rows=config.batch_rows)
+    assert token_set is not None
+    m = ModelSpec.from_provenance(lm.provenance)
+    return moments_distributed(m.spec, token_set, cluster=cluster, checkpoint=m.checkpoint,
+                               process_weights=m.process_weights, dtype=m.dtype, batch_rows=config.batch_rows)
 
 
 def _sidecar(path: Path) -> Path:
@@ -125,7 +145,7 @@ def _finite(x: float) -> float | None:
 
 
 def properties_stage(*, config: PropertiesConfig = PropertiesConfig(), source: str = "auto",
-                     overwrite: bool = True) -> Callable[[Any], dict[str, Any]]:
+                     overwrite: bool = True, cluster: Any = None) -> Callable[[Any], dict[str, Any]]:
     """A `run_pipeline(extra_stages=[...])` stage: properties of the reference model `a`.
 
     Weights come from `a` at the run's checkpoint with the run's weight processing. Moments come
@@ -140,6 +160,9 @@ def properties_stage(*, config: PropertiesConfig = PropertiesConfig(), source: s
         config: family rule and cuts, batch sizes.
         source: 'auto', 'store' or 'live'.
         overwrite: replace the tables of an earlier run (else they are refused before any work).
+        cluster: a Dask client or spec for the activation moments (row shards of the live model,
+            or token ranges of the store); None: the run's own cluster (`PipelineResult.client`,
+            from `PipelineConfig.cluster`), or in process when the run has none.
 
     Returns:
         The stage: `result -> {"properties": {n_neurons, n_tokens, moment_source, families,
@@ -171,7 +194,8 @@ def properties_stage(*, config: PropertiesConfig = PropertiesConfig(), source: s
             raise InputError(f"{store_path} is missing or lacks hook_pre; run the pipeline with "
                              "PipelineConfig(store=StoreConfig(kinds=('post', 'pre'))) or use source='live'")
         props = neuron_properties(lm, token_set=None if store is not None else result.token_set, store=store,
-                                  config=config, model_provenance=prov)
+                                  config=config, model_provenance=prov,
+                                  cluster=cluster if cluster is not None else getattr(result, "client", None))
         props.attrs["provenance"]["label"] = result.labels[0]
         comp = compare_universal(result.table, props)
         comp.attrs["provenance"] = {**provenance_base("property_comparison"), "properties": "properties.csv",
