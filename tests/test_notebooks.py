@@ -35,8 +35,9 @@ def notebook_env(tmp_path_factory):
             os.environ[k] = v
 
 
-def test_there_are_four_notebooks():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_properties", "03_ablation", "04_persistence"]
+def test_there_are_five_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_properties", "03_ablation", "04_persistence",
+                                           "05_explain"]
 
 
 @pytest.mark.slow

@@ -182,7 +182,8 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     assert col and col == sorted(col, reverse=True)
     assert shot.is_file() and shot.stat().st_size > 50_000
     # the Findings: one line per question, on the first screen
-    assert [f["topic"] for f in got["findings"]] == ["universal", "emergence", "properties", "ablation", "agreement"]
+    assert [f["topic"] for f in got["findings"]] == ["universal", "emergence", "properties", "families", "ablation",
+                                                     "agreement"]
     assert all(f["visible"] for f in got["findings"][:2]), got["findings"]
     # the Neurons section: a card per universal neuron (the data), the first page drawn, tokens coloured
     n_uni = int(full_report.summary["universality"]["universal"])
@@ -278,11 +279,14 @@ def test_two_thousand_cards_stay_small_and_quick(tmp_path):
 def test_findings_block_states_each_result(full_report):
     html = full_report.to_html()
     block = re.search(r'<section class="findings" id="findings">.*?</section>', html, re.S).group(0)
-    assert [f.topic for f in full_report.findings] == ["universal", "emergence", "properties", "ablation", "agreement"]
+    assert [f.topic for f in full_report.findings] == ["universal", "emergence", "properties", "families", "ablation",
+                                                       "agreement"]
     for f in full_report.findings:
         assert html_escape(f.text) in block
     n_uni = int(full_report.summary["universality"]["universal"])
     assert full_report.findings[0].text.startswith(f"{n_uni:,} of 128 neurons are universal")
+    families = full_report.findings[3].text  # counted from the explanations' reference neurons
+    assert f"of the {n_uni:,} universal neurons explained, " in families and "of 3 other neurons sampled" in families
     # under the title, before the numbers and the sections
     assert html.index('id="findings"') < html.index('class="cards"') < html.index("<nav>")
 

@@ -35,7 +35,8 @@ def universal_by_step(emergence: pd.DataFrame, *, level: float = 0.95) -> pd.Dat
     """
     need_columns(emergence, ["step", "layer", "fraction"], "the emergence table")
     rows = []
-    counts = {"n_universal", "n_neurons"} <= set(emergence.columns)
+    counts = ({"n_universal", "n_neurons"} <= set(emergence.columns)
+              and bool(np.isfinite(emergence[["n_universal", "n_neurons"]].to_numpy(dtype=float)).all()))
     for step, g in emergence.groupby("step", sort=True):
         if counts:
             k, n = float(g["n_universal"].sum()), float(g["n_neurons"].sum())

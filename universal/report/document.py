@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from universal_neurons.artifacts import atomic_path
+from universal_neurons.errors import InputError
 
 from .cards import CARDS_CSS, CARDS_JS, MAX_CARDS
 from .findings import Finding, findings, findings_html
@@ -113,10 +114,33 @@ class Report:
                                         persistence=persistence, emergence=emergence, explanations=explanations,
                                         agreement=agreement, max_cards=max_cards)
         said = findings(summary=summary, table=table, property_comparison=property_comparison,
-                        ablation_summary=ablation_summary, emergence=emergence, agreement=agreement)
+                        ablation_summary=ablation_summary, emergence=emergence, agreement=agreement,
+                        explanations=explanations)
         return cls(title=title or report_title(summary, run_dir),
                    headline=headline_cards(summary, table, ablation_summary, agreement), sections=sections,
                    figures=figs, summary=summary, run_dir=Path(run_dir) if run_dir else None, findings=said)
+
+    def only(self, *keys: str) -> "Report":
+        """The same report with only the sections named, and no Findings or numbers at the top:
+        e.g. `report.only("neurons")` shows the neuron cards alone in a notebook.
+
+        Args:
+            *keys: section keys (`[s.key for s in report.sections]`).
+
+        Returns:
+            A new report sharing this one's figures.
+
+        Raises:
+            InputError: a key names no section of this report.
+        """
+        have = [s.key for s in self.sections]
+        unknown = [k for k in keys if k not in have]
+        if unknown:
+            raise InputError(f"the report has no section {unknown}; it has {have}")
+        sections = [s for s in self.sections if s.key in keys]
+        return Report(title=self.title, headline=[], sections=sections,
+                      figures={n: self.figures[n] for s in sections for n in s.figures}, summary=self.summary,
+                      run_dir=self.run_dir)
 
     # ------------------------------------------------------------------ rendering
 

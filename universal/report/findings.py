@@ -6,6 +6,7 @@ One finding per question, in reading order:
     universal   how many neurons are universal and where (Wilson interval on the fraction)
     emergence   how that grew over training (checkpoints)
     properties  what universal neurons look like (largest effects, Mann-Whitney p-values)
+    families    what drives their activation (the explanations' families, against contrast neurons)
     ablation    what ablating them does against random controls (paired difference, interval, p)
     agreement   how alike the seeds' outputs are (top-1 agreement and JS with intervals, vs initialisation)
 
@@ -35,7 +36,7 @@ class Finding:
     """One sentence (or two) of the Findings block.
 
     Attributes:
-        topic: `universal`, `emergence`, `properties`, `ablation` or `agreement`.
+        topic: `universal`, `emergence`, `properties`, `families`, `ablation` or `agreement`.
         title: the question it answers, as a short label.
         text: the sentences, plain text.
         significant: whether its test passes `ALPHA` (None where there is no test).
@@ -184,6 +185,32 @@ def _properties(comparison: pd.DataFrame, n_show: int = 3) -> Finding | None:
     return Finding("properties", "What they look like", text, significant=bool(len(significant)))
 
 
+_FAMILY_WORDS = {"unigram": "unigram", "alphabet": "alphabet", "previous_token": "previous-token",
+                 "position": "position", "other": "other", "dead": "dead"}
+
+
+def _family_counts(refs: pd.DataFrame) -> str:
+    counts = refs["family"].value_counts()
+    order = [f for f in _FAMILY_WORDS if f in counts.index] + [f for f in counts.index if f not in _FAMILY_WORDS]
+    return ", ".join(f"{int(counts[f]):,} {_FAMILY_WORDS.get(f, f)}" for f in order)
+
+
+def _families(data: Any) -> Finding | None:
+    n = data.neurons
+    if n.empty or not {"is_reference", "role", "family"} <= set(n.columns):
+        return None
+    refs = n[n["is_reference"].astype(bool)]
+    uni, contrast = refs[refs["role"] == "universal"], refs[refs["role"] == "contrast"]
+    if not len(uni):
+        return None
+    text = (f"By what drives their activation (the share of its variance that one feature of the current or "
+            f"previous token, or the position, explains): of the {len(uni):,} universal neurons explained, "
+            f"{_family_counts(uni)}")
+    if len(contrast):
+        text += f"; of {len(contrast):,} other neurons sampled for contrast, {_family_counts(contrast)}"
+    return Finding("families", "What drives them", text + ". The Neurons section shows each one.")
+
+
 def _ablation(summary_table: pd.DataFrame, stage: dict) -> Finding | None:
     if "delta_ce" not in summary_table.columns:
         return None
@@ -268,7 +295,7 @@ def _agreement(by_step: pd.DataFrame, which: str | None) -> Finding | None:
 
 def findings(*, summary: dict, table: pd.DataFrame, property_comparison: pd.DataFrame | None = None,
              ablation_summary: pd.DataFrame | None = None, emergence: pd.DataFrame | None = None,
-             agreement=None) -> list[Finding]:
+             agreement: Any = None, explanations: Any = None) -> list[Finding]:
     """The run's findings, one per question whose table is present.
 
     Args:
@@ -278,6 +305,7 @@ def findings(*, summary: dict, table: pd.DataFrame, property_comparison: pd.Data
         ablation_summary: `ablation_summary.csv` (the `all layers` row is reported).
         emergence: the universal fraction per checkpoint and layer.
         agreement: an `AgreementResult` (its `by_step` and provenance), or None.
+        explanations: the explanations stage's `ExplanationData` (its neurons' families), or None.
 
     Returns:
         The findings, in reading order.
@@ -291,6 +319,8 @@ def findings(*, summary: dict, table: pd.DataFrame, property_comparison: pd.Data
         out.append(_emergence(emergence))
     if property_comparison is not None:
         out.append(_properties(property_comparison))
+    if explanations is not None:
+        out.append(_families(explanations))
     if ablation_summary is not None:
         stage = summary.get("ablation")
         out.append(_ablation(ablation_summary, stage if isinstance(stage, dict) else {}))
