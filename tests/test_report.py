@@ -93,6 +93,8 @@ def test_report_stage_writes_report_and_summary(base_run):
     # without later stages their sections are left out
     rep = Report.from_run(base_run.out_dir)
     assert [s.key for s in rep.sections] == ["universality", "correlations", "neurons", "provenance"]
+    # the explanations stage ran before the report: its cards are in the page the pipeline wrote
+    assert len(cards_payload(path.read_text())["cards"]) == int(base_run.table["is_universal"].sum())
 
 
 def test_html_is_self_contained_with_provenance(full_report, full_run):
@@ -235,6 +237,12 @@ def test_neuron_cards_one_per_universal_neuron(full_report, full_run, base_run):
     html = capped.to_html()
     assert [c["id"] for c in cards_payload(html)["cards"]] == [c["id"] for c in cards[:3]]
     assert f"The 3 neurons with the highest excess correlation of {n_uni:,} have a card." in html
+    # one section alone, e.g. in a notebook
+    alone = full_report.only("neurons")
+    assert [s.key for s in alone.sections] == ["neurons"] and alone.findings == [] and alone.figures == {}
+    assert 'class="cards-data"' in alone.to_html()
+    with pytest.raises(UniversalNeuronsError, match="no section"):
+        full_report.only("nothing")
 
 
 def test_without_explanations_the_section_says_how_to_get_cards(base_run, tmp_path):

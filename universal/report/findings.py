@@ -92,7 +92,7 @@ def _universal(table: pd.DataFrame, threshold: float, n_seeds: int) -> Finding:
     k = int(table["is_universal"].astype(bool).sum())
     lo, hi = wilson_interval(k, n)
     others = f", averaged over the {n_seeds - 1} other seeds" if n_seeds > 2 else ""
-    rule = f"excess correlation over the random-rotation baseline above {threshold:g}{others}"
+    rule = f"excess correlation over the random-rotation baseline above {threshold:.3g}{others}"
     if k == 0:
         live = table[np.isfinite(table["excess_corr"].to_numpy(dtype=float))]
         best = live.loc[live["excess_corr"].idxmax()] if len(live) else None
@@ -203,9 +203,8 @@ def _families(data: Any) -> Finding | None:
     uni, contrast = refs[refs["role"] == "universal"], refs[refs["role"] == "contrast"]
     if not len(uni):
         return None
-    text = (f"By what drives their activation (the share of its variance that one feature of the current or "
-            f"previous token, or the position, explains): of the {len(uni):,} universal neurons explained, "
-            f"{_family_counts(uni)}")
+    text = (f"Judged by the share of activation variance one simple feature explains (the current or previous "
+            f"token, or the position): of the {len(uni):,} universal neurons explained, {_family_counts(uni)}")
     if len(contrast):
         text += f"; of {len(contrast):,} other neurons sampled for contrast, {_family_counts(contrast)}"
     return Finding("families", "What drives them", text + ". The Neurons section shows each one.")
