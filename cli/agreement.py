@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from .flags import say
 from .main import command
 from .options import Flag, add_flags, config_from_args
 
@@ -18,10 +18,6 @@ AGREEMENT_FLAGS = (
     Flag("ci", "--ci", "confidence level of the intervals"),
     Flag("seed", "--seed", "seed of the bootstrap's row draws"),
 )
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stdout, flush=True)
 
 
 def _steps(text: str | None) -> tuple[int, ...] | str | None:
@@ -78,10 +74,10 @@ def _agreement(a):
     else:
         res = functional_agreement(a.models, ts, checkpoint=a.checkpoint, **common)
     res.save(out, overwrite=a.overwrite)
-    _say(f"agreement of {len(a.models)} models ({cfg.pairs} pairs) over {int(res.by_step['n_predictions'].iloc[0]):,} "
+    say(f"agreement of {len(a.models)} models ({cfg.pairs} pairs) over {int(res.by_step['n_predictions'].iloc[0]):,} "
          f"predictions of token set {ts.hash[:12]}; mean over pairs, {cfg.ci:.0%} intervals:")
     for step, r in zip(res.steps, res.by_step.itertuples()):
         tag = " (initialisation)" if r.at_init else ""
-        _say(f"  step {'final' if step is None else step}{tag}: top-1 {r.top1:.4f} [{r.top1_lo:.4f}, {r.top1_hi:.4f}], "
+        say(f"  step {'final' if step is None else step}{tag}: top-1 {r.top1:.4f} [{r.top1_lo:.4f}, {r.top1_hi:.4f}], "
              f"JS {r.js:.4f} [{r.js_lo:.4f}, {r.js_hi:.4f}], KL(a‖m) {r.kl_am:.4f}, KL(m‖a) {r.kl_ma:.4f} nats")
-    _say(f"results -> {out}")
+    say(f"results -> {out}")

@@ -3,8 +3,7 @@ explanations stage's files for a whole run directory."""
 
 from __future__ import annotations
 
-import sys
-
+from .flags import say
 from .main import command
 from .options import Flag, add_flags, config_from_args
 
@@ -26,10 +25,6 @@ EXPLAIN_FLAGS = (
     Flag("previous_vr", "--previous-vr", "previous-token family: share of variance of the best previous-token feature"),
     Flag("position_vr", "--position-vr", "position family: share of variance of the position"),
 )
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stdout, flush=True)
 
 
 def _neuron(spec: str) -> tuple[str | None, int, int]:
@@ -83,12 +78,12 @@ def _explain(a):
         s = summarise(ex, Path(a.run_dir) / EXPLANATIONS_DIR)
         fams = "; ".join(f"{role}: " + ", ".join(f"{k} {v}" for k, v in f.items())
                          for role, f in s["families_of_reference_neurons"].items())
-        _say(f"explained {s['neurons']} neurons in {s['groups']} groups ({s['universal']} universal) over "
+        say(f"explained {s['neurons']} neurons in {s['groups']} groups ({s['universal']} universal) over "
              f"{s['n_tokens']:,} tokens; families of the reference neurons: {fams or 'none'} -> {s['dir']}")
     if target:
         label, layer, neuron = target
         view = explain(a.run_dir, layer, neuron, label=label, config=cfg, n_contexts=a.contexts)
-        _say(str(view))
+        say(str(view))
         if a.html:
             write_text(a.html, view.html(), overwrite=a.overwrite)
-            _say(f"HTML -> {a.html}")
+            say(f"HTML -> {a.html}")

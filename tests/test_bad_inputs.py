@@ -133,7 +133,7 @@ def test_unwritable_output_folder_is_refused_before_the_work(work, capsys, monke
 
 
 def test_run_with_bad_settings_writes_nothing(work, tiny_family, capsys):
-    out = work / "run"
+    out = work / "another-run"
     _refused(["run", *map(str, tiny_family), "--text", f"{work}/text.txt", "-o", str(out), "--batch-rows", "0",
               *TOKEN_ARGS], work, capsys, "batch_rows")
     _refused(["run", *map(str, tiny_family), "--text", f"{work}/text.txt", "-o", str(out), "--threshold", "2",

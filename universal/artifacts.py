@@ -26,6 +26,7 @@ from .runtime import from_json, to_json
 __all__ = [
     "exists_message",
     "refuse_existing",
+    "refuse_existing_results",
     "check_writable",
     "check_not_input",
     "atomic_path",
@@ -55,6 +56,23 @@ def refuse_existing(*paths: str | os.PathLike, overwrite: bool) -> None:
     for p in paths:
         if os.path.lexists(p):
             raise OutputExistsError(exists_message(p))
+
+
+def refuse_existing_results(folder: str | os.PathLike, names: Iterable[str], *, what: str,
+                            overwrite: bool) -> Path:
+    """Refuse, before any work, a folder that already holds a stage's results (any of `names`).
+
+    Returns:
+        `folder` as a `Path`.
+
+    Raises:
+        OutputExistsError: naming the folder, the stage and the files found, unless `overwrite`.
+    """
+    out = Path(folder)
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{out} already holds {what} results ({', '.join(existing)}); {OVERWRITE_HINT}")
+    return out
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -36,13 +36,12 @@ import numpy as np
 import pandas as pd
 
 from universal_neurons.activations import check_available, list_checkpoints
-from universal_neurons.artifacts import atomic_path, exists_message, read_json, write_json
+from universal_neurons.artifacts import atomic_path, read_json, refuse_existing_results, write_json
 from universal_neurons.errors import (
     ConfigError,
     IncompatibleInputsError,
     InputError,
     InputNotFoundError,
-    OutputExistsError,
 )
 from universal_neurons.runtime import provenance_base
 
@@ -93,10 +92,8 @@ class PersistenceResult:
             OutputExistsError: `out_dir` holds one of the files and `overwrite` is False
                 (checked before anything is written).
         """
-        out = Path(out_dir)
-        existing = next((out / f for f in [*_FILES.values(), _PROVENANCE] if (out / f).exists()), None)
-        if existing is not None and not overwrite:
-            raise OutputExistsError(f"{out} already holds persistence results: {exists_message(existing)}")
+        out = refuse_existing_results(out_dir, [*_FILES.values(), _PROVENANCE], what="persistence",
+                                      overwrite=overwrite)
         with atomic_path(out / _FILES["overall"], overwrite=overwrite) as tmp:
             self.overall.to_csv(tmp, index_label="t")
         for name in ("per_layer", "partner_consistency", "emergence"):

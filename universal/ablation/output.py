@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from universal_neurons.activations import TokenSet
-from universal_neurons.artifacts import OVERWRITE_HINT, atomic_path, check_writable, read_json, write_json
+from universal_neurons.artifacts import atomic_path, check_writable, read_json, refuse_existing_results, write_json
 from universal_neurons.errors import ConfigError, InputNotFoundError, OutputExistsError
 from universal_neurons.runtime import to_json
 
@@ -131,11 +131,7 @@ class AblationResult:
         Raises:
             OutputExistsError: one of the result's files exists and not `overwrite`.
         """
-        out = Path(out_dir)
-        existing = [f for f in FILES if (out / f).exists()]
-        if existing and not overwrite:
-            raise OutputExistsError(f"{out} already holds ablation results ({', '.join(existing)}); {OVERWRITE_HINT}")
-        return out
+        return refuse_existing_results(out_dir, FILES, what="ablation", overwrite=overwrite)
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> AblationResult:

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from universal_neurons.ablation import interval, row_indices
-from universal_neurons.artifacts import atomic_path, exists_message, read_json, write_json
-from universal_neurons.errors import InputError, InputNotFoundError, OutputExistsError
+from universal_neurons.artifacts import atomic_path, read_json, refuse_existing_results, write_json
+from universal_neurons.errors import InputError, InputNotFoundError
 
 from .config import METRICS, AgreementConfig
 
@@ -44,10 +44,7 @@ def check_output(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
     Raises:
         OutputExistsError: one of the result's files exists and `overwrite` is False.
     """
-    out = Path(out_dir)
-    existing = next((out / f for f in FILES.values() if (out / f).exists()), None)
-    if existing is not None and not overwrite:
-        raise OutputExistsError(f"{out} already holds agreement results: {exists_message(existing)}")
+    refuse_existing_results(out_dir, FILES.values(), what="agreement", overwrite=overwrite)
 
 
 def _replicates(n: np.ndarray, values: dict[str, np.ndarray], config: AgreementConfig) -> dict[str, np.ndarray]:
