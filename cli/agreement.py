@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .flags import say
+from .flags import cluster_arg, say
 from .main import command
 from .options import Flag, add_flags, config_from_args
 
@@ -49,6 +49,7 @@ def _add_agreement(p):
     add_flags(p, AgreementConfig, AGREEMENT_FLAGS)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
+    cluster_arg(p)
 
 
 @command("agreement", "how alike the seeds' next-token distributions are: KL both ways, Jensen-Shannon, top-1 "
@@ -68,7 +69,8 @@ def _agreement(a):
     labels = a.labels.split(",") if a.labels else None
     init = False if a.no_init else None
     steps = _steps(a.steps)
-    common = dict(labels=labels, config=cfg, init=init, device=a.device, tokens=f"--tokens {a.tokens}")
+    common = dict(labels=labels, config=cfg, init=init, device=a.device, tokens=f"--tokens {a.tokens}",
+                  cluster=a.cluster)
     if steps is not None:
         res = agreement_over_checkpoints(a.models, None if steps == "all" else steps, ts, **common)
     else:
