@@ -293,7 +293,8 @@ def _refuse_uncached(spec: str, repo: str, revision: str | None, missing: list[s
     rev = f" --revision {revision}" if revision else ""
     raise ModelUnavailableError(
         f"model {spec!r}: the local Hugging Face cache ({constants.HF_HUB_CACHE}) lacks the {', '.join(missing)} "
-        f"of {_at(repo, revision)}, and the hub cannot be reached from this machine. On a machine with network run `hf download {repo}{rev}` (`huggingface-cli download` in older "
+        f"of {_at(repo, revision)}, and the hub cannot be reached from this machine. On a machine with network "
+        f"run `hf download {repo}{rev}` (`huggingface-cli download` in older "
         "huggingface_hub versions) and copy the cache here (set HF_HUB_CACHE or HF_HOME to where it is), or pass "
         "a local model directory instead of a hub name.")
 

@@ -12,8 +12,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, rel_entr
 from transformers import GPT2LMHeadModel
 
-from universal_neurons.activations import GPT2Config, TokenSetConfig, build_token_set
-from universal_neurons.activations import checkpoint_dir
+from universal_neurons.activations import GPT2Config, TokenSetConfig, build_token_set, checkpoint_dir
 from universal_neurons.agreement import (
     AgreementConfig,
     AgreementResult,

@@ -16,10 +16,10 @@ from universal_neurons.agreement import AgreementConfig
 from universal_neurons.cli import flags
 from universal_neurons.cli.agreement import AGREEMENT_FLAGS
 from universal_neurons.cli.explain import EXPLAIN_FLAGS
-from universal_neurons.explain import ExplainConfig
 from universal_neurons.cli.main import build_parser
 from universal_neurons.cli.options import NOT_FLAGS
 from universal_neurons.correlation import CorrelationConfig
+from universal_neurons.explain import ExplainConfig
 from universal_neurons.pipeline import PipelineConfig
 from universal_neurons.properties import PropertiesConfig
 

@@ -10,8 +10,14 @@ import torch
 
 from tests.conftest import SAMPLE_TEXT, make_family
 from universal_neurons import PersistenceResult, persistence_from_tables, persistence_stage, run_persistence
-from universal_neurons.activations import GPT2Config, TokenSetConfig, load_token_set
-from universal_neurons.activations import checkpoint_dir, init_gpt2, save_model_dir
+from universal_neurons.activations import (
+    GPT2Config,
+    TokenSetConfig,
+    checkpoint_dir,
+    init_gpt2,
+    load_token_set,
+    save_model_dir,
+)
 from universal_neurons.cli.main import main as cli
 from universal_neurons.errors import UniversalNeuronsError
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
