@@ -453,3 +453,19 @@ def test_agreement_section_with_several_pairs_shows_each_pair():
                                                             "neurons: universal (% of all neurons)"]
     overall = next(t for t in fig.data if t.name.startswith("neurons, all layers"))
     np.testing.assert_allclose(overall.y, [100 / 128, 1000 / 128])
+
+
+def test_agreement_from_the_summary_when_its_folder_is_gone(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("agreement", "explanations"))
+    from universal_neurons.agreement import AgreementResult
+
+    by_step = AgreementResult.load(full_run / "agreement").by_step
+    summary = json.loads((run / "summary.json").read_text())
+    summary["agreement"] = {"dir": "agreement", "by_step": json.loads(by_step.to_json(orient="records")),
+                            "tokens": {"which": "held-out (tokens_held_out.h5 of the run)"}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = Report.from_run(run)
+    assert next(s for s in report.sections if s.key == "agreement").figures == ["alike_over_training"]
+    said = next(f for f in report.findings if f.topic == "agreement").text
+    assert f"agree on {100 * by_step['top1'].iloc[-1]:.1f}% of predictions on held-out tokens" in said

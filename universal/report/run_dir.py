@@ -86,12 +86,22 @@ def _explanations(run: Path) -> Any:
 
 
 def _agreement(run: Path, summary: dict) -> Any:
-    """The agreement stage's output (`AgreementResult`), or None."""
+    """The agreement stage's output (`AgreementResult`), or None. Without its folder, the per-step
+    means the summary records (`summary["agreement"]["by_step"]`) still give the section."""
     folder = _stage_dir(run, summary, "agreement", "agreement_by_step.csv")
-    if folder is None:
+    info = summary.get("agreement")
+    info = info if isinstance(info, dict) else {}
+    recorded = info.get("by_step")
+    if folder is None and not recorded:
         return None
-    from universal_neurons.agreement.result import AgreementResult
+    from universal_neurons.agreement.result import AgreementResult, entry_columns
 
+    if folder is None:
+        log.info("report: agreement from the summary's per-step means (no agreement/ folder in %s)", run)
+        by_step = pd.DataFrame(recorded)
+        by_step["step"] = by_step["step"].astype("Int64")
+        return AgreementResult(table=pd.DataFrame(columns=entry_columns()), by_step=by_step, rows={},
+                               provenance={"token_set": info.get("tokens") or {}, "steps": info.get("steps")})
     try:
         return AgreementResult.load(folder)
     except (UniversalNeuronsError, OSError, KeyError, ValueError) as err:
