@@ -54,7 +54,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["PropertiesConfig", "StreamingMoments", "weight_properties", "activation_moments",
                      "classify_families", "neuron_properties", "join_universality", "compare_universal",
                      "save_properties", "load_properties", "properties_stage", "family_cuts"], "properties"),
-    **dict.fromkeys(["fig_max_corr_vs_baseline", "fig_corr_distributions", "fig_universal_fraction",
+    **dict.fromkeys(["fig_alike_over_training", "fig_max_corr_vs_baseline", "fig_corr_distributions", "fig_universal_fraction",
                      "fig_excess_distribution", "fig_pair_correlations", "fig_property_comparison",
                      "fig_property_effects", "fig_ablation", "fig_persistence", "fig_persistence_by_layer",
                      "fig_partner_consistency", "fig_emergence"], "figures"),
