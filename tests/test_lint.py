@@ -47,3 +47,29 @@ def test_mypy(tmp_path):
                           "--cache-dir", str(ROOT / ".mypy_cache"), "-p", "universal_neurons"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert got.returncode == 0, got.stdout[-6000:] + got.stderr[-2000:]
+
+
+def test_no_private_name_is_imported_across_modules():
+    """What modules share is public in its module; a leading underscore stays inside its file."""
+    import ast
+
+    bad = []
+    for folder in FOLDERS.values():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                ours = node.level > 0 or (node.module or "").startswith("universal_neurons")
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if ours and private:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {private} from {node.module}")
+                if ours and any(part.startswith("_") and not part.startswith("__")
+                                for part in (node.module or "").split(".")):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports from private module {node.module}")
+    assert not bad, bad
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for folder in FOLDERS.values() for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"split these modules by job: {long}"
