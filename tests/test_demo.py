@@ -2,6 +2,7 @@
 universality is a product of training (trained seeds beat the rotation baseline, init does not)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,33 @@ def test_universality_is_a_product_of_training(demo_run):
     print(f"excess over baseline: init t={t_init:.2f}, trained t={t_final:.2f}")
     assert abs(t_init) < 3, t_init  # at initialisation a seed matches another no better than chance
     assert t_final > 5 and t_final > t_init + 5, (t_init, t_final)
+
+
+def test_demo_report_opens_with_a_card_per_universal_neuron(demo_run):
+    """The demo family's own report in headless Chromium: the Neurons section has one card per
+    universal neuron (or, when the tiny family has none past the paper's cut, its contrast
+    neurons, said so), tokens coloured by activation, no JavaScript error; screenshot kept."""
+    import shutil as _shutil
+
+    from tests import _browser as browser
+
+    if not browser.chromium_path():
+        pytest.skip("no chromium: run scripts/install_browser.sh")
+    pytest.importorskip("playwright")
+    root, res = demo_run
+    report = root / "out" / "report.html"
+    shot, cards_shot = root / "demo-report.png", root / "demo-report-cards.png"
+    got = browser.open_in_browser(report, shot, cards_screenshot=cards_shot)
+    for path in (shot, cards_shot):
+        if os.environ.get("UN_TEST_ARTIFACTS") and path.exists():
+            Path(os.environ["UN_TEST_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
+            _shutil.copy(path, Path(os.environ["UN_TEST_ARTIFACTS"]) / path.name)
+    assert got["page_errors"] == [] and got["console_errors"] == [] and got["requests"] == []
+    n_universal = json.loads((root / "out" / "summary.json").read_text())["universality"]["universal"]
+    cards = got["cards"]
+    assert cards is not None and cards["shown"] > 0
+    if n_universal:
+        assert cards["n_data"] == n_universal
+    assert cards["contexts"] > 0 and cards["coloured"] > 0, cards
+    assert shot.is_file() and cards_shot.is_file()
+    assert (root / "out" / "agreement" / "agreement.csv").exists()

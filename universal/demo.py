@@ -210,6 +210,8 @@ def run_demo(
         the universality `table`.
     """
     from .ablation import AblationConfig, ablation_stage
+    from .agreement import agreement_stage
+    from .explain import explain_stage
     from .persistence import persistence_stage
     from .pipeline import PipelineConfig, run_pipeline
     from .properties import properties_stage
@@ -234,6 +236,10 @@ def run_demo(
         _timed("ablation", ablation_stage(AblationConfig(), eval_tokens=sets.get("ablation"), overwrite=overwrite,
                                           device=device), timings),
         _timed("persistence", persistence_stage(seed_dirs, config=pcfg), timings),
+        # how alike the seeds' outputs are, on the ablation's held-out rows, at every saved checkpoint
+        _timed("agreement", agreement_stage(tokens=sets.get("ablation"), device=device, overwrite=overwrite),
+               timings),
+        _timed("explanations", explain_stage(), timings),
         _timed("report", report_stage, timings),  # last: it reads what the others wrote
     ]
     run = run_pipeline(seed_dirs, sets["eval"], out, config=pcfg, overwrite=overwrite, extra_stages=stages)
@@ -250,7 +256,8 @@ def run_demo(
     write_json(out / "summary.json", summary, overwrite=True)  # the run's own summary, completed
     outputs = {"summary": str(out / "summary.json"), "universality table": str(out / "universality.csv")}
     for name, path in (("properties", "properties.csv"), ("ablation", "ablation/ablation_summary.csv"),
-                       ("persistence", "persistence/persistence_overall.csv"), ("report", "report.html")):
+                       ("persistence", "persistence/persistence_overall.csv"), ("agreement", "agreement/agreement.csv"),
+                       ("explanations", "explanations/neurons.csv"), ("report", "report.html")):
         if (out / path).exists():
             outputs[name] = str(out / path)
     return {**demo, "summary": summary, "outputs": outputs, "table": run.table}
