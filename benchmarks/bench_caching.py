@@ -28,6 +28,8 @@ import torch
 
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 
+from common import bench_tokenizer, rss_mib  # noqa: E402  (benchmarks/common.py)
+
 from universal_neurons.activations import (  # noqa: E402
     ActivationStore,
     GPT2Config,
@@ -44,23 +46,8 @@ CFG = GPT2Config(n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=256, d_voc
 CTX = 256
 
 
-def _tokenizer():
-    """A small byte-level BPE (the benchmark feeds random ids; only the files must exist)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog\n"] * 50, trainer)
-    eot = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
-
-
 def _model_dir(root: Path) -> Path:
-    return save_model_dir(init_gpt2(CFG, seed=0), _tokenizer(), root / "model", {"name": "bench-gpt2"})
+    return save_model_dir(init_gpt2(CFG, seed=0), bench_tokenizer(), root / "model", {"name": "bench-gpt2"})
 
 
 def _token_set(lm, rows: int) -> TokenSet:
@@ -90,11 +77,6 @@ def _best_times(fns, repeats: int) -> list[float]:
     return best
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child_memory(model_dir: str, rows: int, batch_rows: int, dtype: str, device: str, out: str) -> None:
     """Cache `rows` rows in this fresh process; print resident memory (MiB) after a warm-up
     forward and its peak during caching, sampled every 2 ms by a thread."""
@@ -104,23 +86,23 @@ def child_memory(model_dir: str, rows: int, batch_rows: int, dtype: str, device:
     ts = _token_set(lm, rows)
     for ids, _ in list(ts.batches(batch_rows))[:3]:  # the allocator's working set settles in a few batches
         mlp_activations(lm, torch.from_numpy(ids).long())
-    before, peak, done = _rss_mib(), [0.0], threading.Event()
+    before, peak, done = rss_mib(), [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
+            peak[0] = max(peak[0], rss_mib())
             time.sleep(0.002)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     after_batch: list[float] = []
-    store_module.after_batch = lambda _: after_batch.append(_rss_mib())
+    store_module.after_batch = lambda _: after_batch.append(rss_mib())
     cache_activations(lm, ts, out, config=StoreConfig(dtype=dtype), batch_rows=batch_rows, overwrite=True)
     done.set()
     th.join()
     q = max(1, len(after_batch) // 4)  # resident memory after each batch: last quarter vs first quarter
     trend = float(np.mean(after_batch[-q:]) - np.mean(after_batch[:q]))
-    print(json.dumps({"rows": rows, "before_mib": before, "peak_mib": max(peak[0], _rss_mib()), "trend_mib": trend}))
+    print(json.dumps({"rows": rows, "before_mib": before, "peak_mib": max(peak[0], rss_mib()), "trend_mib": trend}))
 
 
 def main() -> None:

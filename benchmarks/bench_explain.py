@@ -35,6 +35,8 @@ import torch
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import bench_tokenizer, rss_mib  # noqa: E402  (benchmarks/common.py)
+
 from universal_neurons.activations import (  # noqa: E402
     ActivationStore,
     GPT2Config,
@@ -59,20 +61,6 @@ from universal_neurons.runtime import pick_device  # noqa: E402
 
 CFG = GPT2Config(n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=256, d_vocab=4096)
 CTX, LABELS = 256, ("a", "b", "c")
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog\n"] * 50, trainer)
-    eot = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
 
 
 def _token_set(lm, rows: int) -> TokenSet:
@@ -102,7 +90,7 @@ def _table(n_universal: int) -> pd.DataFrame:
 
 
 def _family(root: Path, rows_list: list[int], device: str) -> tuple[dict[int, dict[str, str]], str]:
-    tok = _tokenizer()
+    tok = bench_tokenizer()
     stores: dict[int, dict[str, str]] = {}
     model_dir = ""
     for k, lab in enumerate(LABELS):
@@ -114,11 +102,6 @@ def _family(root: Path, rows_list: list[int], device: str) -> tuple[dict[int, di
             cache_activations(lm, _token_set(lm, rows), path, batch_rows=16, progress_bar=False)
             stores.setdefault(rows, {})[lab] = str(path)
     return stores, model_dir
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _setup(stores: dict[str, str], model_dir: str, n_universal: int):
@@ -134,11 +117,11 @@ def child_memory(stores_json: str, model_dir: str, n_universal: int, device: str
     src, groups, texts = _setup(stores, model_dir, n_universal)
     cfg = ExplainConfig(device=device)
     explain_neurons(src, groups[:1], texts, config=cfg.replace(quantiles=()))  # warm-up: imports, allocator
-    before, peak, done = _rss_mib(), [0.0], threading.Event()
+    before, peak, done = rss_mib(), [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
+            peak[0] = max(peak[0], rss_mib())
             time.sleep(0.002)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -146,7 +129,7 @@ def child_memory(stores_json: str, model_dir: str, n_universal: int, device: str
     explain_neurons(src, groups, texts, config=cfg)
     done.set()
     th.join()
-    print(json.dumps({"tokens": src.n_tokens, "before_mib": before, "peak_mib": max(peak[0], _rss_mib())}))
+    print(json.dumps({"tokens": src.n_tokens, "before_mib": before, "peak_mib": max(peak[0], rss_mib())}))
 
 
 def _best(fn, repeats: int) -> float:
