@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from universal_neurons.activations import TokenSet
-from universal_neurons.demo import TINY_DEMO_CONFIG, run_demo
+from universal_neurons.demo import DEMO_TRAIN_CONFIG, TINY_DEMO_CONFIG, run_demo
 from universal_neurons.pipeline import PipelineConfig, run_pipeline
 
 
@@ -20,6 +20,15 @@ def demo_run(tmp_path_factory):
     res = run_demo(out_dir=root / "out", config=TINY_DEMO_CONFIG, seeds=(0, 1, 2), eval_tokens=16_384,
                    show_progress=False)
     return root, res
+
+
+def test_demo_family_saves_checkpoints_where_universal_neurons_exist():
+    """The demo family's universal neurons form within the first quarter of training
+    (docs/demo_family.md): at least four checkpoints from there on, so that persistence between
+    checkpoints is defined, and the step-0 reference."""
+    steps, n = DEMO_TRAIN_CONFIG.checkpoint_steps(), DEMO_TRAIN_CONFIG.n_steps
+    assert steps[0] == 0 and steps[-1] == n
+    assert len([s for s in steps if s >= n / 4]) >= 4, steps
 
 
 def test_demo_trains_and_runs_every_stage(demo_run):

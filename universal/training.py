@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
-    """How each seed of a family is trained. Defaults: the demo family (see docs/demo_family.md
-    for the measurements behind them)."""
+    """How each seed of a family is trained. The demo family's settings are
+    `universal_neurons.demo.DEMO_TRAIN_CONFIG` (docs/demo_family.md has the measurements behind them)."""
 
     model: GPT2Config = field(default_factory=GPT2Config)
     n_tokens: int = 4_000_000  # training tokens per seed
