@@ -28,7 +28,7 @@ import torch
 
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 
-from common import bench_tokenizer, rss_mib  # noqa: E402  (benchmarks/common.py)
+from common import PeakRSS, bench_tokenizer, rss_mib  # noqa: E402  (benchmarks/common.py)
 
 from universal_neurons.activations import (  # noqa: E402
     ActivationStore,
@@ -80,29 +80,18 @@ def _best_times(fns, repeats: int) -> list[float]:
 def child_memory(model_dir: str, rows: int, batch_rows: int, dtype: str, device: str, out: str) -> None:
     """Cache `rows` rows in this fresh process; print resident memory (MiB) after a warm-up
     forward and its peak during caching, sampled every 2 ms by a thread."""
-    import threading
 
     lm = load_model(model_dir, device=device)
     ts = _token_set(lm, rows)
     for ids, _ in list(ts.batches(batch_rows))[:3]:  # the allocator's working set settles in a few batches
         mlp_activations(lm, torch.from_numpy(ids).long())
-    before, peak, done = rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     after_batch: list[float] = []
     store_module.after_batch = lambda _: after_batch.append(rss_mib())
-    cache_activations(lm, ts, out, config=StoreConfig(dtype=dtype), batch_rows=batch_rows, overwrite=True)
-    done.set()
-    th.join()
+    with PeakRSS() as mem:
+        cache_activations(lm, ts, out, config=StoreConfig(dtype=dtype), batch_rows=batch_rows, overwrite=True)
     q = max(1, len(after_batch) // 4)  # resident memory after each batch: last quarter vs first quarter
     trend = float(np.mean(after_batch[-q:]) - np.mean(after_batch[:q]))
-    print(json.dumps({"rows": rows, "before_mib": before, "peak_mib": max(peak[0], rss_mib()), "trend_mib": trend}))
+    print(json.dumps({"rows": rows, "before_mib": mem.before, "peak_mib": mem.peak, "trend_mib": trend}))
 
 
 def main() -> None:

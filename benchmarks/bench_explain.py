@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 os.environ.setdefault("UNIVERSAL_NEURONS_PROGRESS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import bench_tokenizer, rss_mib  # noqa: E402  (benchmarks/common.py)
+from common import PeakRSS, bench_tokenizer  # noqa: E402  (benchmarks/common.py)
 
 from universal_neurons.activations import (  # noqa: E402
     ActivationStore,
@@ -117,19 +116,9 @@ def child_memory(stores_json: str, model_dir: str, n_universal: int, device: str
     src, groups, texts = _setup(stores, model_dir, n_universal)
     cfg = ExplainConfig(device=device)
     explain_neurons(src, groups[:1], texts, config=cfg.replace(quantiles=()))  # warm-up: imports, allocator
-    before, peak, done = rss_mib(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    explain_neurons(src, groups, texts, config=cfg)
-    done.set()
-    th.join()
-    print(json.dumps({"tokens": src.n_tokens, "before_mib": before, "peak_mib": max(peak[0], rss_mib())}))
+    with PeakRSS() as mem:
+        explain_neurons(src, groups, texts, config=cfg)
+    print(json.dumps({"tokens": src.n_tokens, "before_mib": mem.before, "peak_mib": mem.peak}))
 
 
 def _best(fn, repeats: int) -> float:

@@ -4,8 +4,10 @@ resident-memory probe. Imported by the scripts as `common` (their folder is on s
 from __future__ import annotations
 
 import os
+import threading
+import time
 
-__all__ = ["bench_tokenizer", "rss_mib"]
+__all__ = ["bench_tokenizer", "rss_mib", "PeakRSS"]
 
 
 def bench_tokenizer():
@@ -27,3 +29,25 @@ def rss_mib() -> float:
     """This process's resident memory, MiB (Linux)."""
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Resident memory while a block runs, sampled every 2 ms by a thread:
+    `with PeakRSS() as mem: ...`, then `mem.before` and `mem.peak` (MiB)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.before = self.peak = rss_mib()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
